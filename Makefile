@@ -1,0 +1,51 @@
+# MiniChat — every command a developer or CI needs. `make dev` and `make test` are the front door.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup dev test lint fmt unit integration bench migrate clean
+
+# Create the virtualenv if missing and install the core package (editable) with the functions'
+# and the tools' dependencies, pinned by constraints.txt. Re-runs only when those files change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+	@$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[functions,dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## Local mode: migrate, then serve API + stream + web client on http://127.0.0.1:$${PORT:-8000}.
+dev: setup
+	@$(PY) -m minichat_local
+
+## Everything CI runs: lint, type checks, the whole test suite against the real services.
+test: setup lint
+	@$(PY) -m pytest -q
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+
+fmt: setup
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+unit: setup
+	@$(PY) -m pytest -q tests/unit
+
+integration: setup
+	@$(PY) -m pytest -q tests/integration
+
+## Benchmarks (never part of `make test`): each prints its figures beside a baseline from the same run.
+bench: setup
+	@$(PY) bench/run.py
+
+migrate: setup
+	@$(PY) -m minichat.migrate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam

@@ -1,0 +1,245 @@
+"""MiniChat's REST API: a Chalice app. Routes parse, call one core function, shape the reply."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from chalice import Chalice, Response
+from chalice.app import Request
+
+from minichat import auth, chats, health
+from minichat.config import get_settings
+from minichat.errors import InternalError, MethodNotAllowed, MiniChatError, PayloadTooLarge
+from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
+from minichat.log import request_id as current_request_id
+from minichat.validate import (
+    MAX_BODY_BYTES,
+    email_field,
+    parse_json_object,
+    parse_limit,
+    parse_uuid,
+    require_fields,
+    text_field,
+)
+
+app = Chalice(app_name="minichat-api")
+setup_logging(get_settings().log_level)
+log = get_logger("minichat.api")
+
+_JSON = {"Content-Type": "application/json"}
+_CHALICE_ERRORS = {405: "method_not_allowed", 415: "validation_error"}
+
+
+def _error_response(error: MiniChatError, request_id: str | None) -> Response:
+    return Response(
+        body=error.envelope(request_id), status_code=error.status, headers={**_JSON, **error.headers()}
+    )
+
+
+@app.middleware("http")
+def _edge(request: Request, get_response: Callable[[Request], Response]) -> Response:
+    """Per request: the request id, the body limit (before parsing), the error envelope, one log line."""
+    started = time.perf_counter()
+    request_id = accept_request_id(request.headers.get("x-request-id"))
+    bind_request_id(request_id)
+    try:
+        declared = request.headers.get("content-length")
+        body = request.to_original_event().get("body") or ""
+        if (declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES) or len(body) > MAX_BODY_BYTES:
+            response = _error_response(PayloadTooLarge(), request_id)
+        else:
+            response = get_response(request)
+        if response.status_code >= 400 and isinstance(response.body, dict) and "Code" in response.body:
+            # Chalice's own errors (wrong method, unhandled exception) into the contract's envelope.
+            if response.status_code == 405:
+                error: MiniChatError = MethodNotAllowed(response.headers.get("Allow", ""))
+            elif response.status_code >= 500:
+                error = InternalError()
+            else:
+                error = MiniChatError(str(response.body.get("Message", "")))
+                error.code = _CHALICE_ERRORS.get(response.status_code, "validation_error")  # type: ignore[misc]
+                error.status = response.status_code  # type: ignore[misc]
+            response = _error_response(error, request_id)
+        response.headers["X-Request-Id"] = request_id
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status_code,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return response
+    finally:
+        bind_request_id(None)
+
+
+def route(path: str, *, methods: list[str], status: int = 200) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a view whose MiniChatErrors become the envelope (the one place errors are mapped)."""
+
+    def register(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def handle(**params: str) -> Response:
+            try:
+                result = view(**params)
+            except MiniChatError as error:
+                return _error_response(error, current_request_id())
+            except Exception:
+                log.exception("unhandled error", path=path)
+                return _error_response(InternalError(), current_request_id())
+            if isinstance(result, Response):
+                return result
+            return Response(body=result, status_code=status, headers=_JSON)
+
+        # The body is always parsed as JSON whatever Content-Type says: curl users need no -H.
+        app.route(path, methods=methods, content_types=["*/*"])(handle)
+        return view
+
+    return register
+
+
+def _request() -> Request:
+    request = app.current_request
+    assert request is not None
+    return request
+
+
+def _body(*, allow_empty: bool = False) -> dict[str, Any]:
+    return parse_json_object(_request().raw_body, allow_empty=allow_empty)
+
+
+def _user_id() -> str:
+    return auth.authenticate(_request().headers.get("authorization")).user_id
+
+
+def _credentials() -> tuple[str, str]:
+    body = _body()
+    require_fields(body, allowed={"email", "password"}, required={"email", "password"})
+    password = text_field(body, "password", min_len=8, max_len=128)
+    assert password is not None
+    return email_field(body), password
+
+
+def _refresh_token_field() -> str:
+    body = _body()
+    require_fields(body, allowed={"refreshToken"}, required={"refreshToken"})
+    token = text_field(body, "refreshToken", min_len=1, max_len=512)
+    assert token is not None
+    return token
+
+
+def _no_content() -> Response:
+    return Response(body="", status_code=204)
+
+
+# --- auth -------------------------------------------------------------------------------------
+
+
+@route("/api/auth/register", methods=["POST"], status=201)
+def register() -> dict[str, Any]:
+    email, password = _credentials()
+    return auth.register(email=email, password=password)
+
+
+@route("/api/auth/login", methods=["POST"])
+def login() -> dict[str, Any]:
+    email, password = _credentials()
+    return auth.login(email=email, password=password)
+
+
+@route("/api/auth/refresh", methods=["POST"])
+def refresh() -> dict[str, Any]:
+    return auth.refresh(refresh_token=_refresh_token_field())
+
+
+@route("/api/auth/logout", methods=["POST"])
+def logout() -> Response:
+    user_id = _user_id()
+    auth.logout(user_id=user_id, refresh_token=_refresh_token_field())
+    return _no_content()
+
+
+@route("/api/auth/me", methods=["GET"])
+def me() -> dict[str, Any]:
+    return auth.me(_user_id())
+
+
+# --- chats and messages -----------------------------------------------------------------------
+
+
+def _query() -> dict[str, str]:
+    return dict(_request().query_params or {})
+
+
+@route("/api/chats", methods=["GET"])
+def list_chats() -> dict[str, Any]:
+    user_id = _user_id()
+    query = _query()
+    return chats.list_chats(user_id=user_id, limit=parse_limit(query), cursor=query.get("cursor"))
+
+
+@route("/api/chats", methods=["POST"], status=201)
+def create_chat() -> dict[str, Any]:
+    user_id = _user_id()
+    body = _body(allow_empty=True)
+    require_fields(body, allowed={"title"})
+    title = text_field(body, "title", min_len=1, max_len=200, strip=True)
+    return chats.create_chat(user_id=user_id, title=title)
+
+
+@route("/api/chats/{chat_id}", methods=["GET"])
+def get_chat(chat_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    return chats.get_chat(user_id=user_id, chat_id=parse_uuid(chat_id))
+
+
+@route("/api/chats/{chat_id}", methods=["PATCH"])
+def rename_chat(chat_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    chat_id = parse_uuid(chat_id)
+    body = _body()
+    require_fields(body, allowed={"title"}, required={"title"})
+    title = text_field(body, "title", min_len=1, max_len=200, strip=True)
+    assert title is not None
+    return chats.rename_chat(user_id=user_id, chat_id=chat_id, title=title)
+
+
+@route("/api/chats/{chat_id}", methods=["DELETE"])
+def delete_chat(chat_id: str) -> Response:
+    user_id = _user_id()
+    chats.delete_chat(user_id=user_id, chat_id=parse_uuid(chat_id))
+    return _no_content()
+
+
+@route("/api/chats/{chat_id}/messages", methods=["GET"])
+def list_messages(chat_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    query = _query()
+    return chats.list_messages(
+        user_id=user_id, chat_id=parse_uuid(chat_id), limit=parse_limit(query), cursor=query.get("cursor")
+    )
+
+
+@route("/api/chats/{chat_id}/messages", methods=["POST"], status=201)
+def add_message(chat_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    chat_id = parse_uuid(chat_id)
+    body = _body()
+    require_fields(body, allowed={"content"}, required={"content"})
+    content = text_field(body, "content", min_len=1, max_len=32_000, blank=False)
+    assert content is not None
+    return chats.add_message(user_id=user_id, chat_id=chat_id, content=content)
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@route("/api/health", methods=["GET"])
+def get_health() -> Response:
+    healthy, body = health.check_health()
+    return Response(body=body, status_code=200 if healthy else 503, headers=_JSON)
+
+
+__all__ = ["app"]

@@ -1,0 +1,173 @@
+"""Chats and their messages. Every query is scoped to the owner: another user's chat is not found."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from minichat import db, events
+from minichat.errors import NotFound, ValidationError
+from minichat.serialize import chat_out, message_out
+from minichat.validate import decode_cursor, encode_cursor
+
+__all__ = [
+    "add_message",
+    "create_chat",
+    "delete_chat",
+    "get_chat",
+    "insert_message",
+    "list_chats",
+    "list_messages",
+    "owned_chat_for_update",
+    "rename_chat",
+    "title_from",
+]
+
+_CHAT_COLUMNS = "id, title, created_at, updated_at"
+_MESSAGE_COLUMNS = "id, seq, chat_id, role, content, generation_id, created_at"
+_TITLE_LEN = 80
+_SPACES = re.compile(r"\s+")
+
+
+def title_from(content: str) -> str:
+    """A chat title from its first message: one line, whitespace collapsed, cut at a word."""
+    text = _SPACES.sub(" ", content).strip()
+    if len(text) <= _TITLE_LEN:
+        return text or "New chat"
+    cut = text[: _TITLE_LEN - 1]
+    if " " in cut[_TITLE_LEN // 2 :]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip() + "…"
+
+
+def create_chat(*, user_id: str, title: str | None) -> dict[str, Any]:
+    with db.transaction() as conn:
+        row = conn.execute(
+            f"INSERT INTO chats (user_id, title) VALUES (%s, %s) RETURNING {_CHAT_COLUMNS}", (user_id, title)
+        ).fetchone()
+        assert row is not None
+        events.record_audit(conn, user_id=user_id, action="chat.created", metadata={"chatId": str(row["id"])})
+    return chat_out(row)
+
+
+def list_chats(*, user_id: str, limit: int, cursor: str | None) -> dict[str, Any]:
+    """Newest `updatedAt` first; keyset pagination on (updated_at, id)."""
+    position = decode_cursor(cursor, size=2)
+    params: list[Any] = [user_id]
+    where = ""
+    if position is not None:
+        try:
+            updated_at = datetime.fromisoformat(str(position[0]))
+        except ValueError:
+            raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor") from None
+        where = "AND (updated_at, id) < (%s, %s::uuid)"
+        params += [updated_at, str(position[1])]
+    with db.transaction() as conn:
+        rows = conn.execute(
+            f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_id = %s {where}"
+            " ORDER BY updated_at DESC, id DESC LIMIT %s",
+            [*params, limit + 1],
+        ).fetchall()
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor([last["updated_at"].isoformat(), str(last["id"])])
+    return {"items": [chat_out(r) for r in rows], "nextCursor": next_cursor}
+
+
+def get_chat(*, user_id: str, chat_id: str) -> dict[str, Any]:
+    with db.transaction() as conn:
+        row = conn.execute(
+            f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = %s AND user_id = %s", (chat_id, user_id)
+        ).fetchone()
+    if row is None:
+        raise NotFound("Chat not found.")
+    return chat_out(row)
+
+
+def rename_chat(*, user_id: str, chat_id: str, title: str) -> dict[str, Any]:
+    with db.transaction() as conn:
+        row = conn.execute(
+            f"UPDATE chats SET title = %s, updated_at = now() WHERE id = %s AND user_id = %s"
+            f" RETURNING {_CHAT_COLUMNS}",
+            (title, chat_id, user_id),
+        ).fetchone()
+    if row is None:
+        raise NotFound("Chat not found.")
+    return chat_out(row)
+
+
+def owned_chat_for_update(conn: db.Conn, *, user_id: str, chat_id: str) -> dict[str, Any]:
+    """Lock the user's chat row for this transaction; NotFound for anyone else's."""
+    row = conn.execute(
+        f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = %s AND user_id = %s FOR UPDATE", (chat_id, user_id)
+    ).fetchone()
+    if row is None:
+        raise NotFound("Chat not found.")
+    return row
+
+
+def delete_chat(*, user_id: str, chat_id: str) -> None:
+    """Delete a chat and its messages; usage already counted stays counted."""
+    with db.transaction() as conn:
+        owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
+        conn.execute("DELETE FROM chats WHERE id = %s", (chat_id,))
+        events.record_audit(conn, user_id=user_id, action="chat.deleted", metadata={"chatId": chat_id})
+
+
+def insert_message(
+    conn: db.Conn, *, chat_id: str, role: str, content: str, generation_id: str | None = None
+) -> dict[str, Any]:
+    """Append a message and bump the chat (title from the first user message when it has none)."""
+    conn.execute(
+        "UPDATE chats SET updated_at = now(),"
+        " title = CASE WHEN title IS NULL AND %s = 'user' THEN %s ELSE title END WHERE id = %s",
+        (role, title_from(content), chat_id),
+    )
+    row = conn.execute(
+        f"INSERT INTO messages (chat_id, role, content, generation_id) VALUES (%s, %s, %s, %s)"
+        f" RETURNING {_MESSAGE_COLUMNS}",
+        (chat_id, role, content, generation_id),
+    ).fetchone()
+    assert row is not None
+    return row
+
+
+def add_message(*, user_id: str, chat_id: str, content: str) -> dict[str, Any]:
+    with db.transaction() as conn:
+        owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
+        row = insert_message(conn, chat_id=chat_id, role="user", content=content)
+    return message_out(row)
+
+
+def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None) -> dict[str, Any]:
+    """Oldest first; keyset pagination on the insertion sequence, stable under inserts."""
+    position = decode_cursor(cursor, size=1)
+    after = 0
+    if position is not None:
+        if not isinstance(position[0], int) or isinstance(position[0], bool):
+            raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor")
+        after = position[0]
+    with db.transaction() as conn:
+        # One round trip: the ownership check rides along as a join.
+        rows = conn.execute(
+            f"""
+            SELECT c.id AS owned, {", ".join("m." + c for c in _MESSAGE_COLUMNS.split(", "))}
+            FROM chats c LEFT JOIN LATERAL (
+                SELECT * FROM messages WHERE chat_id = c.id AND seq > %s ORDER BY seq LIMIT %s
+            ) m ON true
+            WHERE c.id = %s AND c.user_id = %s
+            ORDER BY m.seq
+            """,
+            (after, limit + 1, chat_id, user_id),
+        ).fetchall()
+    if not rows:
+        raise NotFound("Chat not found.")
+    rows = [r for r in rows if r["id"] is not None]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor([rows[-1]["seq"]])
+    return {"items": [message_out(r) for r in rows], "nextCursor": next_cursor}

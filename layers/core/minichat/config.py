@@ -1,0 +1,146 @@
+"""One typed Settings object, read from the environment once per cold start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+from minichat.errors import ConfigError
+
+__all__ = ["Settings", "get_settings", "set_settings"]
+
+_MIN_SECRET_BYTES = 32  # 256 bits
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _list(raw: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (raw or "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything MiniChat reads from its environment."""
+
+    environment: str = "local"  # local | test | aws
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/minichat"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    jwt_secret_value: str | None = field(default=None, repr=False)
+    jwt_secret_arn: str | None = None
+    jwt_secret_file: str | None = None
+    jwt_issuer: str = "minichat"
+    jwt_audience: str = "minichat-api"
+    access_token_ttl: int = 900
+    refresh_token_ttl: int = 30 * 24 * 3600
+    refresh_reuse_grace: int = 10
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    openai_models: tuple[str, ...] = ()
+    default_model: str | None = None
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        environment = env.get("MINICHAT_ENV") or ("aws" if env.get("AWS_LAMBDA_FUNCTION_NAME") else "local")
+        defaults = cls()
+        return cls(
+            environment=environment,
+            database_url=env.get("DATABASE_URL") or defaults.database_url,
+            redis_url=env.get("REDIS_URL") or defaults.redis_url,
+            rabbitmq_url=env.get("RABBITMQ_URL") or defaults.rabbitmq_url,
+            jwt_secret_value=env.get("MINICHAT_JWT_SECRET") or None,
+            jwt_secret_arn=env.get("MINICHAT_JWT_SECRET_ARN") or None,
+            jwt_secret_file=env.get("MINICHAT_JWT_SECRET_FILE") or None,
+            access_token_ttl=_int(env, "MINICHAT_ACCESS_TOKEN_TTL", 900, low=30, high=24 * 3600),
+            refresh_token_ttl=_int(env, "MINICHAT_REFRESH_TOKEN_TTL", 30 * 24 * 3600, low=60, high=365 * 86400),
+            openai_api_key=env.get("OPENAI_API_KEY") or None,
+            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            openai_models=_list(env.get("MINICHAT_OPENAI_MODELS")),
+            default_model=env.get("MINICHAT_DEFAULT_MODEL") or None,
+            db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", 1, low=0, high=100),
+            db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", 10, low=1, high=200),
+            log_level=(env.get("MINICHAT_LOG_LEVEL") or "INFO").upper(),
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields replaced (tests, local mode)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @cached_property
+    def jwt_secret(self) -> bytes:
+        """The HS256 key: from the environment, Secrets Manager, or (local mode) a kept dev file."""
+        if self.jwt_secret_value:
+            secret = self.jwt_secret_value
+        elif self.jwt_secret_arn:
+            secret = _secret_from_secrets_manager(self.jwt_secret_arn)
+        elif self.jwt_secret_file and self.environment in ("local", "test"):
+            secret = _secret_from_dev_file(Path(self.jwt_secret_file))
+        else:
+            raise ConfigError("no JWT secret: set MINICHAT_JWT_SECRET or MINICHAT_JWT_SECRET_ARN")
+        key = secret.encode()
+        if len(key) < _MIN_SECRET_BYTES:
+            raise ConfigError("the JWT secret must be at least 256 bits (32 bytes)")
+        return key
+
+
+def _secret_from_secrets_manager(arn: str) -> str:
+    import boto3  # imported here: only the AWS path pays for it
+
+    client = boto3.client("secretsmanager")
+    value = client.get_secret_value(SecretId=arn).get("SecretString")
+    if not value:
+        raise ConfigError("the JWT secret in Secrets Manager has no SecretString")
+    return str(value)
+
+
+def _secret_from_dev_file(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    # O_EXCL: two processes starting at once agree on the first file written.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, built from the environment on first use."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings
+
+
+def set_settings(settings: Settings | None) -> None:
+    """Replace the process-wide settings (local mode and tests); None re-reads the environment."""
+    global _settings
+    _settings = settings

@@ -1,0 +1,40 @@
+"""Rows to the contract's camelCase shapes (SPEC §2 "Shapes"). One function per shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["chat_out", "iso", "message_out", "user_out"]
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO-8601 UTC with a `Z`, millisecond precision."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def user_out(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": str(row["id"]), "email": row["email"], "createdAt": iso(row["created_at"])}
+
+
+def chat_out(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "title": row["title"],
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+    }
+
+
+def message_out(row: dict[str, Any]) -> dict[str, Any]:
+    gen = row.get("generation_id")
+    return {
+        "id": str(row["id"]),
+        "chatId": str(row["chat_id"]),
+        "role": row["role"],
+        "content": row["content"],
+        "generationId": str(gen) if gen else None,
+        "createdAt": iso(row["created_at"]),
+    }

@@ -1,0 +1,71 @@
+"""`python -m minichat_local`: migrate, then serve everything on http://127.0.0.1:${PORT:-8000} until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minichat_local", description=__doc__)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    args = parser.parse_args(argv)
+
+    from minichat_local.functions import repo_root
+
+    # Local mode keeps a generated dev secret so restarts keep sessions.
+    os.environ.setdefault("MINICHAT_JWT_SECRET_FILE", str(repo_root() / ".minichat" / "jwt-secret"))
+    os.environ.setdefault("MINICHAT_DB_POOL_MAX", "16")
+
+    from minichat.config import get_settings
+    from minichat.errors import ConfigError
+    from minichat.log import setup_logging
+    from minichat.migrate import apply_migrations, ensure_database
+    from minichat_local.preflight import check_services
+
+    try:
+        settings = get_settings()
+        _ = settings.jwt_secret
+    except ConfigError as exc:
+        print(f"minichat: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+
+    problems = check_services(settings)
+    if problems:
+        print("minichat: cannot start local mode.\n", file=sys.stderr)
+        for problem in problems:
+            print(problem.explain() + "\n", file=sys.stderr)
+        return 1
+    if ensure_database(settings.database_url):
+        print("minichat: created the database", file=sys.stderr)
+    for name in apply_migrations(settings.database_url):
+        print(f"minichat: applied migration {name}", file=sys.stderr)
+
+    import uvicorn
+
+    from minichat_local.server import build_app
+
+    config = uvicorn.Config(
+        build_app(),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    print(f"minichat: serving local mode on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.Server(config).run()
+    print("minichat: stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures. Tests use their own database and Redis db, never the dev ones.
+
+MINICHAT_TEST_DB / MINICHAT_TEST_REDIS_DB let two suites run side by side on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+TEST_DB = os.environ.get("MINICHAT_TEST_DB", "minichat_test")
+TEST_REDIS_DB = os.environ.get("MINICHAT_TEST_REDIS_DB", "15")
+PG_ADMIN_URL = os.environ.get("MINICHAT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+DATABASE_URL = psycopg.conninfo.make_conninfo(PG_ADMIN_URL, dbname=TEST_DB)
+REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+
+os.environ.update(
+    {
+        "MINICHAT_ENV": "test",
+        "DATABASE_URL": DATABASE_URL,
+        "REDIS_URL": REDIS_URL,
+        "MINICHAT_JWT_SECRET": "test-secret-" + "x" * 40,
+        "MINICHAT_LOG_LEVEL": os.environ.get("MINICHAT_LOG_LEVEL", "WARNING"),
+    }
+)
+
+TABLES = (
+    "users, refresh_tokens, chats, generations, messages, usage_events, daily_usage, audit_logs,"
+    " outbox, dead_letters, idempotency_keys"
+)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    """A fresh, migrated test database for the whole session."""
+    from minichat.migrate import apply_migrations
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEST_DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEST_DB)))
+    apply_migrations(DATABASE_URL)
+    return DATABASE_URL
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    """An empty database (every table truncated) and a direct connection to inspect it."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {TABLES} CASCADE")
+        yield conn
+
+
+@pytest.fixture
+def redis_client() -> Iterator[object]:
+    """The test Redis db, flushed."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
