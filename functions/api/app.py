@@ -12,7 +12,7 @@ from chalice.app import Request
 
 from minichat import auth, chats, health
 from minichat.config import get_settings
-from minichat.errors import InternalError, MethodNotAllowed, MiniChatError, PayloadTooLarge
+from minichat.errors import InternalError, MethodNotAllowed, MiniChatError, PayloadTooLarge, ValidationError
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.log import request_id as current_request_id
 from minichat.validate import (
@@ -29,8 +29,7 @@ app = Chalice(app_name="minichat-api")
 setup_logging(get_settings().log_level)
 log = get_logger("minichat.api")
 
-_JSON = {"Content-Type": "application/json"}
-_CHALICE_ERRORS = {405: "method_not_allowed", 415: "validation_error"}
+_JSON: dict[str, str | list[str]] = {"Content-Type": "application/json"}
 
 
 def _error_response(error: MiniChatError, request_id: str | None) -> Response:
@@ -55,13 +54,11 @@ def _edge(request: Request, get_response: Callable[[Request], Response]) -> Resp
         if response.status_code >= 400 and isinstance(response.body, dict) and "Code" in response.body:
             # Chalice's own errors (wrong method, unhandled exception) into the contract's envelope.
             if response.status_code == 405:
-                error: MiniChatError = MethodNotAllowed(response.headers.get("Allow", ""))
-            elif response.status_code >= 500:
-                error = InternalError()
+                error: MiniChatError = MethodNotAllowed(str(response.headers.get("Allow", "")))
+            elif response.status_code < 500:
+                error = ValidationError(str(response.body.get("Message", "")))
             else:
-                error = MiniChatError(str(response.body.get("Message", "")))
-                error.code = _CHALICE_ERRORS.get(response.status_code, "validation_error")  # type: ignore[misc]
-                error.status = response.status_code  # type: ignore[misc]
+                error = InternalError()
             response = _error_response(error, request_id)
         response.headers["X-Request-Id"] = request_id
         log.info(
@@ -76,7 +73,9 @@ def _edge(request: Request, get_response: Callable[[Request], Response]) -> Resp
         bind_request_id(None)
 
 
-def route(path: str, *, methods: list[str], status: int = 200) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def route(
+    path: str, *, methods: list[str], status: int = 200
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a view whose MiniChatErrors become the envelope (the one place errors are mapped)."""
 
     def register(view: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,13 @@ from minichat.log import accept_request_id
 
 async def stream(request: Request) -> JSONResponse:
     request_id = accept_request_id(request.headers.get("x-request-id"))
-    body = {"error": {"code": "not_found", "message": "Generations are not available yet.", "requestId": request_id}}
+    body = {
+        "error": {
+            "code": "not_found",
+            "message": "Generations are not available yet.",
+            "requestId": request_id,
+        }
+    }
     return JSONResponse(body, status_code=404, headers={"X-Request-Id": request_id})
 
 

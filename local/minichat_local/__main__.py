@@ -1,10 +1,12 @@
-"""`python -m minichat_local`: migrate, then serve everything on http://127.0.0.1:${PORT:-8000} until Ctrl-C."""
+"""`python -m minichat_local`: migrate, then serve everything on 127.0.0.1:${PORT:-8000} until Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from types import FrameType
 
 __all__ = ["main"]
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from minichat_local.server import build_app
 
+    _Server = _server_class()
+
     config = uvicorn.Config(
         build_app(),
         host=args.host,
@@ -62,9 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     print(f"minichat: serving local mode on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.Server(config).run()
+    _Server(config).run()
     print("minichat: stopped", file=sys.stderr)
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, but a requested stop (SIGINT/SIGTERM) ends the process with status 0."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C skips the graceful wait
+            else:
+                self.should_exit = True
+
+    return Server
 
 
 if __name__ == "__main__":

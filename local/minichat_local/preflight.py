@@ -1,4 +1,4 @@
-"""Before local mode starts: are PostgreSQL, Redis and RabbitMQ reachable? Say which is not, and how to fix it."""
+"""Before local mode starts: are the services up? If not, say which, and how to fix it."""
 
 from __future__ import annotations
 
@@ -63,5 +63,7 @@ def check_services(settings: Settings) -> list[Problem]:
     try:
         check_broker(settings.rabbitmq_url)
     except Exception as exc:  # pika raises many unrelated types for "cannot connect"
-        problems.append(Problem("RabbitMQ", _first_line(exc) or type(exc).__name__, "rabbitmq-server -detached"))
+        problems.append(
+            Problem("RabbitMQ", _first_line(exc) or type(exc).__name__, "rabbitmq-server -detached")
+        )
     return problems

@@ -157,7 +157,12 @@ def register(*, email: str, password: str) -> dict[str, Any]:
         if user is None:
             raise EmailTaken()
         token = _new_refresh_token(
-            conn, user_id=user["id"], family_id=str(uuid.uuid4()), expires_at=None, parent_id=None, settings=settings
+            conn,
+            user_id=user["id"],
+            family_id=str(uuid.uuid4()),
+            expires_at=None,
+            parent_id=None,
+            settings=settings,
         )
         events.record_audit(conn, user_id=user["id"], action="user.registered", metadata={})
     return _auth_reply(user, token, settings)
@@ -176,7 +181,12 @@ def login(*, email: str, password: str) -> dict[str, Any]:
         raise InvalidCredentials()
     with db.transaction() as conn:
         token = _new_refresh_token(
-            conn, user_id=user["id"], family_id=str(uuid.uuid4()), expires_at=None, parent_id=None, settings=settings
+            conn,
+            user_id=user["id"],
+            family_id=str(uuid.uuid4()),
+            expires_at=None,
+            parent_id=None,
+            settings=settings,
         )
         events.record_audit(conn, user_id=user["id"], action="user.login", metadata={})
     return _auth_reply(user, token, settings)
@@ -247,4 +257,3 @@ def me(user_id: str) -> dict[str, Any]:
     if user is None:
         raise InvalidToken()
     return user_out(user)
-

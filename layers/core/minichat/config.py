@@ -71,7 +71,9 @@ class Settings:
             jwt_secret_arn=env.get("MINICHAT_JWT_SECRET_ARN") or None,
             jwt_secret_file=env.get("MINICHAT_JWT_SECRET_FILE") or None,
             access_token_ttl=_int(env, "MINICHAT_ACCESS_TOKEN_TTL", 900, low=30, high=24 * 3600),
-            refresh_token_ttl=_int(env, "MINICHAT_REFRESH_TOKEN_TTL", 30 * 24 * 3600, low=60, high=365 * 86400),
+            refresh_token_ttl=_int(
+                env, "MINICHAT_REFRESH_TOKEN_TTL", 30 * 24 * 3600, low=60, high=365 * 86400
+            ),
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_models=_list(env.get("MINICHAT_OPENAI_MODELS")),

@@ -63,7 +63,7 @@ def apply_migrations(database_url: str, directory: Path | None = None) -> list[s
                 if version in done:
                     continue
                 with conn.transaction():
-                    conn.execute(path.read_text())  # type: ignore[call-overload]
+                    conn.execute(path.read_text())
                     conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, path.name)
                     )

@@ -18,8 +18,8 @@ __all__ = [
     "decode_cursor",
     "email_field",
     "encode_cursor",
-    "parse_json_object",
     "number_field",
+    "parse_json_object",
     "parse_limit",
     "parse_uuid",
     "require_fields",
@@ -53,6 +53,8 @@ def parse_json_object(raw: bytes | str | None, *, allow_empty: bool = False) -> 
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidJson() from None
+    except RecursionError:
+        raise ValidationError("The request body is nested too deeply.") from None
     if not isinstance(value, dict):
         raise InvalidJson("The request body must be a JSON object.")
     if _depth(value) > MAX_JSON_DEPTH:
@@ -60,7 +62,9 @@ def parse_json_object(raw: bytes | str | None, *, allow_empty: bool = False) -> 
     return value
 
 
-def require_fields(body: Mapping[str, Any], *, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()) -> None:
+def require_fields(
+    body: Mapping[str, Any], *, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()
+) -> None:
     """Refuse unknown fields (never silently applied) and missing required ones."""
     for name in body:
         if name not in allowed:
@@ -71,7 +75,13 @@ def require_fields(body: Mapping[str, Any], *, allowed: AbstractSet[str], requir
 
 
 def text_field(
-    body: Mapping[str, Any], name: str, *, min_len: int = 0, max_len: int, strip: bool = False, blank: bool = True
+    body: Mapping[str, Any],
+    name: str,
+    *,
+    min_len: int = 0,
+    max_len: int,
+    strip: bool = False,
+    blank: bool = True,
 ) -> str | None:
     """A string field within length bounds; None when absent or null."""
     value = body.get(name)
