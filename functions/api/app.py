@@ -10,14 +10,16 @@ from typing import Any
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from minichat import auth, chats, health
+from minichat import auth, chats, generations, health
 from minichat.config import get_settings
 from minichat.errors import InternalError, MethodNotAllowed, MiniChatError, PayloadTooLarge, ValidationError
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.log import request_id as current_request_id
+from minichat.providers import ProviderRegistry
 from minichat.validate import (
     MAX_BODY_BYTES,
     email_field,
+    number_field,
     parse_json_object,
     parse_limit,
     parse_uuid,
@@ -208,7 +210,7 @@ def rename_chat(chat_id: str) -> dict[str, Any]:
 @route("/api/chats/{chat_id}", methods=["DELETE"])
 def delete_chat(chat_id: str) -> Response:
     user_id = _user_id()
-    chats.delete_chat(user_id=user_id, chat_id=parse_uuid(chat_id))
+    generations.delete_chat(user_id=user_id, chat_id=parse_uuid(chat_id))
     return _no_content()
 
 
@@ -230,6 +232,59 @@ def add_message(chat_id: str) -> dict[str, Any]:
     content = text_field(body, "content", min_len=1, max_len=32_000, blank=False)
     assert content is not None
     return chats.add_message(user_id=user_id, chat_id=chat_id, content=content)
+
+
+# --- generations ------------------------------------------------------------------------------
+
+_registry: ProviderRegistry | None = None
+
+
+def _models() -> ProviderRegistry:
+    global _registry
+    if _registry is None:
+        _registry = ProviderRegistry.from_settings(get_settings())
+    return _registry
+
+
+_GENERATION_FIELDS = {"content", "model", "systemPrompt", "temperature", "maxTokens"}
+
+
+@route("/api/chats/{chat_id}/generations", methods=["POST"], status=201)
+def create_generation(chat_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    chat_id = parse_uuid(chat_id)
+    body = _body(allow_empty=True)
+    require_fields(body, allowed=_GENERATION_FIELDS)
+    model = text_field(body, "model", min_len=1, max_len=200) or _models().default_model
+    _models().resolve(model)  # unknown_model before anything is written
+    return generations.create_generation(
+        user_id=user_id,
+        chat_id=chat_id,
+        content=text_field(body, "content", min_len=1, max_len=32_000, blank=False),
+        model=model,
+        system_prompt=text_field(body, "systemPrompt", max_len=8_000),
+        temperature=number_field(body, "temperature", low=0, high=2, integer=False),
+        max_tokens=number_field(body, "maxTokens", low=1, high=32_768, integer=True),
+        request_id=current_request_id(),
+    )
+
+
+@route("/api/generations/{generation_id}", methods=["GET"])
+def get_generation(generation_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    return generations.get_generation(user_id=user_id, generation_id=parse_uuid(generation_id))
+
+
+@route("/api/generations/{generation_id}/cancel", methods=["POST"])
+def cancel_generation(generation_id: str) -> dict[str, Any]:
+    user_id = _user_id()
+    return generations.cancel_generation(user_id=user_id, generation_id=parse_uuid(generation_id))
+
+
+@route("/api/models", methods=["GET"])
+def list_models() -> dict[str, Any]:
+    _user_id()
+    return {"items": _models().list_models()}
 
 
 # --- operations -------------------------------------------------------------------------------

@@ -1,28 +1,101 @@
-"""The streaming function: GET /api/generations/{id}/stream as SSE (ASGI, behind the Lambda Web Adapter).
+"""The streaming function: GET /api/generations/{id}/stream as Server-Sent Events.
 
-Placeholder until the generations work lands: answers the contract's error envelope.
+An ASGI app. On AWS it runs under uvicorn behind the Lambda Web Adapter in response-stream mode (run.sh);
+in local mode the same app is mounted on the one origin.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from minichat.log import accept_request_id
+from minichat import auth
+from minichat.config import get_settings
+from minichat.errors import InvalidToken, MiniChatError, NotFound
+from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
+from minichat.serialize import utcnow
+from minichat.streaming import Engine
+from minichat.validate import parse_uuid
+
+setup_logging(get_settings().log_level)
+log = get_logger("minichat.stream")
+_TICKET_GRACE_S = 600  # a ticket keeps working 10 minutes after its generation ends
 
 
-async def stream(request: Request) -> JSONResponse:
+def _error(error: MiniChatError, request_id: str) -> JSONResponse:
+    return JSONResponse(
+        error.envelope(request_id),
+        status_code=error.status,
+        headers={"X-Request-Id": request_id, **error.headers()},
+    )
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or "0"
+    return int(raw) if raw.isdigit() and len(raw) < 10 else 0
+
+
+async def stream(request: Request) -> Response:
     request_id = accept_request_id(request.headers.get("x-request-id"))
-    body = {
-        "error": {
-            "code": "not_found",
-            "message": "Generations are not available yet.",
-            "requestId": request_id,
-        }
-    }
-    return JSONResponse(body, status_code=404, headers={"X-Request-Id": request_id})
+    bind_request_id(request_id)
+    engine: Engine = request.app.state.engine
+    try:
+        generation_id = parse_uuid(request.path_params["generation_id"])
+        ticket = request.query_params.get("ticket")
+        if ticket:
+            user_id = auth.verify_stream_ticket(ticket, generation_id=generation_id).user_id
+        else:
+            user_id = auth.authenticate(request.headers.get("authorization")).user_id
+        opened = await engine.open(generation_id=generation_id, user_id=user_id)
+        finished_at = opened.row["finished_at"]
+        if ticket and finished_at is not None and (utcnow() - finished_at).total_seconds() > _TICKET_GRACE_S:
+            raise InvalidToken("The stream ticket has expired.")
+    except MiniChatError as error:
+        return _error(error, request_id)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in engine.frames(opened, after=_last_event_id(request)):
+                yield chunk
+        except MiniChatError as error:  # headers are gone: the contract's error event, then stop
+            log.warning("stream interrupted", generation_id=generation_id, code=error.code)
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={
+            "Cache-Control": "no-cache, no-transform",
+            "X-Accel-Buffering": "no",  # proxies must not hold frames back
+            "X-Request-Id": request_id,
+        },
+    )
 
 
-app = Starlette(routes=[Route("/api/generations/{generation_id}/stream", stream)])
+async def not_found(request: Request) -> Response:
+    return _error(NotFound("No such route."), accept_request_id(request.headers.get("x-request-id")))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    engine = Engine(get_settings())
+    await engine.start()
+    app.state.engine = engine
+    try:
+        yield {}
+    finally:
+        await engine.close()
+
+
+app = Starlette(
+    routes=[
+        Route("/api/generations/{generation_id}/stream", stream, methods=["GET"]),
+        Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ],
+    lifespan=lifespan,
+)

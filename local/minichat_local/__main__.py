@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 __all__ = ["main"]
 
@@ -82,6 +83,12 @@ def _server_class() -> type:
                 self.force_exit = True  # a second Ctrl-C skips the graceful wait
             else:
                 self.should_exit = True
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            app = self.config.app
+            if hasattr(app, "drain"):
+                await app.drain()
+            await super().shutdown(sockets)
 
     return Server
 

@@ -24,6 +24,12 @@ class LocalApp:
         self.stream = stream
         self.web = web
 
+    async def drain(self) -> None:
+        """Before connections close: running generations end and their streams get `done`."""
+        engine = getattr(self.stream.state, "engine", None)
+        if engine is not None:
+            await engine.drain()
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await self.stream(scope, receive, send)  # the stream app owns the async resources

@@ -25,12 +25,14 @@ __all__ = [
     "authenticate",
     "hash_password",
     "issue_access_token",
+    "issue_stream_ticket",
     "login",
     "logout",
     "me",
     "refresh",
     "register",
     "verify_password",
+    "verify_stream_ticket",
 ]
 
 # argon2id at OWASP's minimum (m=19 MiB, t=2, p=1): ~30 ms a hash here.
@@ -39,6 +41,9 @@ _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 _ALGORITHM = "HS256"
 _ACCESS_TYP = "access"
+_STREAM_TYP = "stream"
+# A hard cap on a ticket's life; the stream route also refuses it 10 minutes after the generation ends.
+STREAM_TICKET_MAX_AGE = 2 * 3600
 
 
 def hash_password(password: str) -> str:
@@ -102,6 +107,41 @@ def authenticate(authorization: str | None, *, settings: Settings | None = None)
     except ValueError:
         raise InvalidToken() from None
     return Principal(user_id=user_id)
+
+
+def issue_stream_ticket(*, user_id: str, generation_id: str, settings: Settings | None = None) -> str:
+    """A signed ticket that opens one generation's stream and nothing else."""
+    settings = settings or get_settings()
+    now = int(time.time())
+    claims = {
+        "iss": settings.jwt_issuer,
+        "aud": f"{settings.jwt_audience}:stream",  # an access-token check can never accept it
+        "sub": str(user_id),
+        "gen": str(generation_id),
+        "iat": now,
+        "exp": now + STREAM_TICKET_MAX_AGE,
+        "typ": _STREAM_TYP,
+    }
+    return jwt.encode(claims, settings.jwt_secret, algorithm=_ALGORITHM)
+
+
+def verify_stream_ticket(ticket: str, *, generation_id: str, settings: Settings | None = None) -> Principal:
+    """The user a ticket speaks for, if it was issued for exactly this generation."""
+    settings = settings or get_settings()
+    try:
+        claims = jwt.decode(
+            ticket,
+            settings.jwt_secret,
+            algorithms=[_ALGORITHM],
+            audience=f"{settings.jwt_audience}:stream",
+            issuer=settings.jwt_issuer,
+            options={"require": ["exp", "iat", "sub", "iss", "aud", "gen"]},
+        )
+    except jwt.PyJWTError:
+        raise InvalidToken("The stream ticket is invalid or expired.") from None
+    if claims.get("typ") != _STREAM_TYP or claims.get("gen") != generation_id:
+        raise InvalidToken("The stream ticket is not for this generation.")
+    return Principal(user_id=str(claims["sub"]))
 
 
 def _token_hash(token: str) -> bytes:

@@ -53,6 +53,10 @@ class Settings:
     openai_base_url: str | None = None
     openai_models: tuple[str, ...] = ()
     default_model: str | None = None
+    context_tokens: int = 16_000
+    provider_first_token_timeout: float = 60.0
+    provider_idle_timeout: float = 60.0
+    stream_buffer_ttl: int = 3600
     db_pool_min: int = 1
     db_pool_max: int = 10
     log_level: str = "INFO"
@@ -78,6 +82,12 @@ class Settings:
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_models=_list(env.get("MINICHAT_OPENAI_MODELS")),
             default_model=env.get("MINICHAT_DEFAULT_MODEL") or None,
+            context_tokens=_int(env, "MINICHAT_CONTEXT_TOKENS", 16_000, low=256, high=2_000_000),
+            provider_first_token_timeout=_int(
+                env, "MINICHAT_PROVIDER_FIRST_TOKEN_TIMEOUT", 60, low=1, high=900
+            ),
+            provider_idle_timeout=_int(env, "MINICHAT_PROVIDER_IDLE_TIMEOUT", 60, low=1, high=900),
+            stream_buffer_ttl=_int(env, "MINICHAT_STREAM_BUFFER_TTL", 3600, low=3600, high=7 * 86400),
             db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", 1, low=0, high=100),
             db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", 10, low=1, high=200),
             log_level=(env.get("MINICHAT_LOG_LEVEL") or "INFO").upper(),

@@ -22,9 +22,11 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "ServiceUnavailable",
+    "StreamNotOpened",
     "Unauthorized",
     "UnknownModel",
     "ValidationError",
+    "WorkerLost",
 ]
 
 
@@ -173,6 +175,22 @@ class ProviderTimeout(MiniChatError):
     status = 504
     code = "provider_timeout"
     default_message = "The model provider did not answer in time."
+
+
+class WorkerLost(MiniChatError):
+    """A generation whose streaming process went away (stopped, crashed, lost its heartbeat)."""
+
+    status = 500
+    code = "worker_lost"
+    default_message = "The generation was interrupted; start it again."
+
+
+class StreamNotOpened(MiniChatError):
+    """A generation queued for too long with no stream connection to start it."""
+
+    status = 408
+    code = "stream_not_opened"
+    default_message = "No stream was opened for this generation in time."
 
 
 class ServiceUnavailable(MiniChatError):

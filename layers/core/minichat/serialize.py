@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["chat_out", "iso", "message_out", "user_out"]
+__all__ = ["chat_out", "iso", "message_out", "user_out", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def iso(value: datetime | None) -> str | None:

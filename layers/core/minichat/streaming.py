@@ -1,0 +1,577 @@
+"""The run of one generation: provider → event buffer → persistence; and the readers that follow it.
+
+One `Engine` per process owns:
+- the runs started here (the first stream connection claims a queued generation and starts its run in a
+  task that does not depend on any connection);
+- the Redis Stream writer: every event also goes to `generation:{id}:events` (batched pipelines), so a
+  reader in another process, or after a restart, sees the same numbered sequence;
+- the cancel listener (Redis pub/sub; a cancel reaches the run within milliseconds) and a supervisor
+  tick (idle timeouts, lock and heartbeat renewal, a cancel-flag poll in case a pub/sub message is lost).
+Database work runs in a small thread pool through the same synchronous core functions the API uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from minichat import generations, limits
+from minichat.config import Settings
+from minichat.errors import (
+    MiniChatError,
+    NotFound,
+    ProviderError,
+    ProviderTimeout,
+    ServiceUnavailable,
+    WorkerLost,
+)
+from minichat.log import get_logger
+from minichat.providers import (
+    ChatMessage,
+    Delta,
+    ProviderRegistry,
+    ProviderRequest,
+    build_prompt,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
+from minichat.sse import encode_comment, encode_event
+
+__all__ = ["HEARTBEAT_S", "Engine", "Opened", "events_key"]
+
+log = get_logger("minichat.streaming")
+T = TypeVar("T")
+
+HEARTBEAT_S = 15.0  # a `: ping` at least this often while a stream is idle
+COALESCE_S = 0.004  # deltas closer together than this go out as one event (never the first one)
+_SUPERVISE_S = 0.5
+_RENEW_EVERY_S = 5.0
+_PING = encode_comment("ping")
+_VALID_ROLES = ("user", "assistant", "system")
+
+
+def events_key(generation_id: str) -> str:
+    return f"generation:{generation_id}:events"
+
+
+@dataclass
+class Run:
+    """One generation executing in this process, and its in-memory event sequence."""
+
+    row: dict[str, Any]
+    frames: list[bytes] = field(default_factory=list)
+    finished: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str | None = None  # "canceled" | "timeout" | "shutdown"
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    parts: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    last_emit: float = -1.0
+    last_activity: float = 0.0
+    first_token: bool = False
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self.row["id"])
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_requested.set()
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What a stream connection found: the generation row and whether it started the run here."""
+
+    row: dict[str, Any]
+    started_here: bool
+
+
+class Engine:
+    """Runs generations and serves their event sequences; one per process, started in the app's lifespan."""
+
+    def __init__(self, settings: Settings, *, registry: ProviderRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or ProviderRegistry.from_settings(settings)
+        self.runs: dict[str, Run] = {}
+        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="minichat-db")
+        self._redis: redis.asyncio.Redis | None = None
+        self._readers: redis.asyncio.Redis | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: list[tuple[str, int, bytes, bool]] = []
+        self._outbox_ready = asyncio.Event()
+        self._closing = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        url = self.settings.redis_url
+        self._redis = redis.asyncio.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=5, max_connections=200, health_check_interval=30
+        )
+        # Blocked XREADs each hold a connection for up to HEARTBEAT_S: their own pool, no read timeout
+        # shorter than the block.
+        self._readers = redis.asyncio.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=HEARTBEAT_S + 10, max_connections=10_000
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._write_buffers(), name="minichat-buffer-writer"),
+            loop.create_task(self._listen_for_cancels(), name="minichat-cancel-listener"),
+            loop.create_task(self._supervise(), name="minichat-supervisor"),
+        ]
+
+    async def drain(self, *, grace_s: float = 5.0) -> None:
+        """Before the server closes connections: end every run here (`failed`, worker_lost, persisted)
+        so that its readers see `done` and finish, instead of being cut off."""
+        self._closing = True
+        for run in list(self.runs.values()):
+            run.stop("shutdown")
+        pending = [r.task for r in self.runs.values() if r.task is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        await asyncio.sleep(0.01)  # let the writer send the last events
+
+    async def close(self, *, grace_s: float = 5.0) -> None:
+        """Stop the engine (after drain, or in its place)."""
+        await self.drain(grace_s=grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.registry.aclose()
+        for client in (self._redis, self._readers):
+            if client is not None:
+                await client.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def redis(self) -> redis.asyncio.Redis:
+        assert self._redis is not None, "Engine.start() was not called"
+        return self._redis
+
+    async def _in_thread(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(**kwargs))
+
+    # --- opening a stream ---------------------------------------------------------------------------
+
+    async def open(self, *, generation_id: str, user_id: str) -> Opened:
+        """Load the generation (404 for another user's) and, if it is queued, claim it and start the run."""
+        if generation_id in self.runs:
+            run = self.runs[generation_id]
+            if str(run.row["user_id"]) != user_id:
+                raise NotFound("Generation not found.")
+            return Opened(row=run.row, started_here=False)
+        row, history = await self._in_thread(
+            generations.open_for_stream, generation_id=generation_id, user_id=user_id
+        )
+        if history is None:
+            return Opened(row=row, started_here=False)
+        self._start_run(row, history)
+        return Opened(row=row, started_here=True)
+
+    def _start_run(self, row: dict[str, Any], history: list[tuple[str, str]]) -> None:
+        run = Run(row=row)
+        run.last_activity = time.monotonic()
+        self.runs[run.id] = run
+        run.task = asyncio.get_running_loop().create_task(
+            self._run(run, history), name=f"generation-{run.id}"
+        )
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    async def _run(self, run: Run, history: list[tuple[str, str]]) -> None:
+        row = run.row
+        messages = build_prompt(
+            row["system_prompt"],
+            [ChatMessage(role, content) for role, content in history if role in _VALID_ROLES],
+            context_tokens=self.settings.context_tokens,
+        )
+        prompt_estimate = estimate_prompt_tokens(messages)
+        usage: list[Any] = []
+        status, error = "succeeded", None
+        try:
+            provider = self.registry.resolve(row["model"])
+            request = ProviderRequest(
+                model=row["model"],
+                messages=messages,
+                temperature=row["temperature"],
+                max_tokens=row["max_tokens"],
+            )
+            with contextlib.suppress(RedisError):  # a cancel that arrived before the claim
+                if await self.redis.exists(generations.cancel_key(run.id)):
+                    run.stop("canceled")
+            pump = asyncio.get_running_loop().create_task(self._pump(run, provider.stream(request), usage))
+            stopper = asyncio.get_running_loop().create_task(run.stop_requested.wait())
+            # Wait on the next token and the stop flag together: a cancel lands while the model is silent.
+            await asyncio.wait((pump, stopper), return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+            stopper.cancel()
+            if pump.cancelled():
+                status, error = _stopped(run.stop_reason, self.settings)
+            elif (exc := pump.exception()) is not None:
+                status, error = "failed", _as_error(exc, run.id)
+        except MiniChatError as exc:
+            status, error = "failed", exc
+        except Exception as exc:  # the run must always end persisted, whatever broke
+            status, error = "failed", _as_error(exc, run.id)
+        await self._finish(run, status=status, error=error, usage=usage, prompt_estimate=prompt_estimate)
+
+    async def _pump(self, run: Run, stream: Any, usage: list[Any]) -> None:
+        """Read the provider; the hot path, so it does as little as it can per token."""
+        try:
+            async for item in stream:
+                if type(item) is Delta:
+                    if item.text:
+                        self._add_text(run, item.text)
+                else:
+                    usage.append(item)
+        finally:
+            await stream.aclose()  # closes the upstream request, also on cancel
+
+    def _add_text(self, run: Run, text: str) -> None:
+        loop_now = time.monotonic()
+        run.last_activity = loop_now
+        run.first_token = True
+        run.parts.append(text)
+        if run.pending:
+            run.pending.append(text)
+            return
+        if loop_now - run.last_emit >= COALESCE_S:
+            run.last_emit = loop_now
+            self._emit(run, {"type": "delta", "delta": text})
+        else:
+            run.pending.append(text)
+            asyncio.get_running_loop().call_later(COALESCE_S, self._flush, run)
+
+    def _flush(self, run: Run) -> None:
+        if run.pending:
+            text = "".join(run.pending)
+            run.pending.clear()
+            run.last_emit = time.monotonic()
+            self._emit(run, {"type": "delta", "delta": text})
+
+    def _emit(self, run: Run, data: dict[str, Any], *, end: bool = False) -> None:
+        number = len(run.frames) + 1
+        frame = encode_event(number, data)
+        run.frames.append(frame)
+        self._outbox.append((run.id, number, frame, end))
+        self._outbox_ready.set()
+        changed, run.changed = run.changed, asyncio.Event()
+        changed.set()
+
+    async def _finish(
+        self,
+        run: Run,
+        *,
+        status: str,
+        error: MiniChatError | None,
+        usage: list[Any],
+        prompt_estimate: int,
+    ) -> None:
+        self._flush(run)
+        if error is not None:
+            self._emit(run, {"type": "error", "code": error.code, "message": error.message})
+        text = "".join(run.parts)
+        if usage and status == "succeeded":
+            input_tokens, output_tokens, estimated = usage[-1].input_tokens, usage[-1].output_tokens, False
+        elif usage:
+            # Cut short after the provider counted: keep its input count, estimate what was produced.
+            input_tokens, output_tokens, estimated = usage[-1].input_tokens, estimate_tokens(text), True
+        else:
+            input_tokens, output_tokens, estimated = prompt_estimate, estimate_tokens(text), True
+        final = await self._persist(
+            run,
+            status=status,
+            text=text,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            estimated=estimated,
+            error=error,
+        )
+        with contextlib.suppress(RedisError):
+            await limits.release_inflight_async(
+                self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
+            )
+        self._emit(
+            run,
+            {
+                "type": "usage",
+                "inputTokens": final["input_tokens"],
+                "outputTokens": final["output_tokens"],
+                "estimated": final["usage_estimated"],
+            },
+        )
+        self._emit(run, {"type": "done", "status": final["status"]}, end=True)
+        run.finished = True
+        self.runs.pop(run.id, None)
+        log.info(
+            "generation finished",
+            generation_id=run.id,
+            status=final["status"],
+            output_tokens=final["output_tokens"],
+            events=len(run.frames),
+        )
+
+    async def _persist(
+        self,
+        run: Run,
+        *,
+        status: str,
+        text: str,
+        input_tokens: int,
+        output_tokens: int,
+        estimated: bool,
+        error: MiniChatError | None,
+    ) -> dict[str, Any]:
+        """Commit the terminal state; retried while the database is away (`done` waits for it)."""
+        delay = 0.2
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                return await self._in_thread(
+                    generations.persist_terminal,
+                    generation_id=run.id,
+                    status=status,
+                    text=text,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    estimated=estimated,
+                    error_code=error.code if error else None,
+                    error_message=error.message if error else None,
+                )
+            except ServiceUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("database unavailable while finishing; retrying", generation_id=run.id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # --- background tasks -----------------------------------------------------------------------
+
+    async def _write_buffers(self) -> None:
+        """Send buffered events to the Redis Streams in batched pipelines, in order."""
+        ttl = self.settings.stream_buffer_ttl
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if not batch:
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for generation_id, number, frame, end in batch:
+                key = events_key(generation_id)
+                fields: dict[str, bytes] = {"f": frame, "e": b"1"} if end else {"f": frame}
+                pipe.xadd(key, fields, id=f"0-{number}")  # type: ignore[arg-type]
+                if number == 1 or end:
+                    # Kept at least `ttl` after the end; an abandoned buffer disappears on its own too.
+                    pipe.expire(key, ttl)
+            try:
+                await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                log.warning("event buffer write failed", events=len(batch), error=type(exc).__name__)
+
+    async def _listen_for_cancels(self) -> None:
+        """Cancel requests arrive over pub/sub; reconnect with backoff when Redis goes away."""
+        delay = 0.1
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(generations.CANCEL_CHANNEL)
+                    delay = 0.1
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        generation_id = data.decode() if isinstance(data, bytes) else str(data)
+                        run = self.runs.get(generation_id)
+                        if run is not None:
+                            run.stop("canceled")
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("cancel listener lost Redis; reconnecting", error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _supervise(self) -> None:
+        """Idle timeouts every tick; lock renewal, heartbeats and a cancel-flag poll every few seconds."""
+        last_renew = 0.0
+        while True:
+            await asyncio.sleep(_SUPERVISE_S)
+            now = time.monotonic()
+            for run in list(self.runs.values()):
+                limit = (
+                    self.settings.provider_idle_timeout
+                    if run.first_token
+                    else self.settings.provider_first_token_timeout
+                )
+                if now - run.last_activity > limit:
+                    run.stop("timeout")
+            if now - last_renew >= _RENEW_EVERY_S and self.runs:
+                last_renew = now
+                try:
+                    await self._renew(list(self.runs.values()))
+                except (RedisError, OSError, ServiceUnavailable) as exc:
+                    log.warning("heartbeat renewal failed", error=type(exc).__name__)
+
+    async def _renew(self, runs: list[Run]) -> None:
+        flags = await self.redis.mget([generations.cancel_key(r.id) for r in runs])
+        for run, flag in zip(runs, flags, strict=True):
+            if flag is not None:
+                run.stop("canceled")
+            await limits.renew_inflight_async(
+                self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
+            )
+        await self._in_thread(generations.heartbeat, generation_ids=[r.id for r in runs])
+
+    # --- readers ------------------------------------------------------------------------------------
+
+    async def frames(self, opened: Opened, *, after: int) -> AsyncIterator[bytes]:
+        """The generation's SSE frames after event `after`, then live ones until `done`; pings when idle."""
+        run = self.runs.get(str(opened.row["id"]))
+        if run is not None:
+            async for chunk in _follow_local(run, after):
+                yield chunk
+            return
+        async for chunk in self._follow_buffer(opened.row, after):
+            yield chunk
+
+    async def _follow_buffer(self, row: dict[str, Any], after: int) -> AsyncIterator[bytes]:
+        """Follow a run in another process (or a finished one) through its Redis Stream."""
+        assert self._readers is not None
+        generation_id = str(row["id"])
+        key = events_key(generation_id)
+        last = after
+        if row["status"] not in generations.TERMINAL:
+            while not self._closing:
+                try:
+                    reply: Any = await self._readers.xread(
+                        {key: f"0-{last}"}, count=1000, block=int(HEARTBEAT_S * 1000)
+                    )
+                except (RedisError, OSError) as exc:
+                    raise ServiceUnavailable("The event buffer is unavailable.") from exc
+                if reply:
+                    chunk, last, ended = _entries(reply[0][1], last)
+                    yield chunk
+                    if ended:
+                        return
+                    continue
+                yield _PING
+                if (
+                    await self._in_thread(generations.status_of, generation_id=generation_id)
+                    in generations.TERMINAL
+                ):
+                    break
+            else:
+                return
+        # Terminal: the rest of the buffer, in one read.
+        try:
+            entries: Any = await self.redis.xrange(key, min=f"0-{last + 1}")
+            exists = bool(entries) or bool(await self.redis.exists(key))
+        except (RedisError, OSError):
+            entries, exists = [], False
+        if not exists:
+            yield await self._rebuild(generation_id)  # expired: rebuilt whole, numbered from 1
+            return
+        chunk, last, ended = _entries(entries, last)
+        if not ended and not entries:
+            with contextlib.suppress(RedisError, OSError):  # resumed after the end: was `done` buffered?
+                tail: Any = await self.redis.xrevrange(key, count=1)
+                ended = bool(tail) and b"e" in tail[0][1]
+        if not ended:
+            # Ended by someone else (the reaper, a chat deletion): finish the sequence from the database.
+            row, _ = await self._in_thread(generations.final_state, generation_id=generation_id)
+            chunk += b"".join(_closing_frames(row, first=last + 1))
+        if chunk:
+            yield chunk
+
+    async def _rebuild(self, generation_id: str) -> bytes:
+        """After the buffer expired: the whole text as one delta, usage and done, numbered from 1."""
+        row, text = await self._in_thread(generations.final_state, generation_id=generation_id)
+        frames = [encode_event(1, {"type": "delta", "delta": text})] if text else []
+        return b"".join(frames + _closing_frames(row, first=len(frames) + 1))
+
+
+def _entries(entries: Any, last: int) -> tuple[bytes, int, bool]:
+    """Frames of Redis Stream entries: (joined frames, last event number, whether `done` was among them)."""
+    chunks: list[bytes] = []
+    ended = False
+    for entry_id, fields in entries:
+        number = int(entry_id.split(b"-")[1])
+        if number <= last:
+            continue
+        last = number
+        chunks.append(fields[b"f"])
+        ended = ended or b"e" in fields
+    return b"".join(chunks), last, ended
+
+
+def _closing_frames(row: dict[str, Any], *, first: int) -> list[bytes]:
+    """error (for a failed one), usage and done from the database's terminal record."""
+    frames = []
+    number = first
+    if row["status"] == "failed":
+        error = {
+            "type": "error",
+            "code": row["error_code"] or "internal_error",
+            "message": row["error_message"] or "",
+        }
+        frames.append(encode_event(number, error))
+        number += 1
+    usage = {
+        "type": "usage",
+        "inputTokens": row["input_tokens"],
+        "outputTokens": row["output_tokens"],
+        "estimated": row["usage_estimated"],
+    }
+    frames.append(encode_event(number, usage))
+    frames.append(encode_event(number + 1, {"type": "done", "status": row["status"]}))
+    return frames
+
+
+async def _follow_local(run: Run, after: int) -> AsyncIterator[bytes]:
+    position = max(after, 0)
+    while True:
+        frames = run.frames
+        if position < len(frames):
+            chunk = b"".join(frames[position:]) if len(frames) - position > 1 else frames[position]
+            position = len(frames)
+            yield chunk
+            continue
+        if run.finished:
+            return
+        changed = run.changed
+        try:
+            async with asyncio.timeout(HEARTBEAT_S):
+                await changed.wait()
+        except TimeoutError:
+            yield _PING
+
+
+def _stopped(reason: str | None, settings: Settings) -> tuple[str, MiniChatError | None]:
+    if reason == "timeout":
+        return "failed", ProviderTimeout(f"The model sent nothing for {settings.provider_idle_timeout:g} s.")
+    if reason == "shutdown":
+        return "failed", WorkerLost("The server stopped while generating.")
+    return "canceled", None
+
+
+def _as_error(exc: BaseException, generation_id: str) -> MiniChatError:
+    if isinstance(exc, ProviderError | ProviderTimeout):
+        return exc
+    if isinstance(exc, MiniChatError):
+        return exc
+    log.error("generation failed unexpectedly", generation_id=generation_id, error=type(exc).__name__)
+    return ProviderError("The generation failed unexpectedly.")
