@@ -25,6 +25,9 @@ os.environ.update(
         "REDIS_URL": REDIS_URL,
         "MINICHAT_JWT_SECRET": "test-secret-" + "x" * 40,
         "MINICHAT_LOG_LEVEL": os.environ.get("MINICHAT_LOG_LEVEL", "WARNING"),
+        # Short enough for the stall tests, long enough for mock-slow's 200 ms between words.
+        "MINICHAT_PROVIDER_FIRST_TOKEN_TIMEOUT": "3",
+        "MINICHAT_PROVIDER_IDLE_TIMEOUT": "2",
     }
 )
 

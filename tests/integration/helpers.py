@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -60,3 +61,43 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert error["message"]
     assert error["requestId"] == response.headers["x-request-id"]
     return dict(error)
+
+
+class EventStream:
+    """An open SSE response read event by event (the test's own EventSource)."""
+
+    def __init__(self, client: httpx.Client, url: str, headers: dict[str, str] | None = None) -> None:
+        self._cm = client.stream("GET", url, headers=headers or {}, timeout=httpx.Timeout(30, read=20))
+        self.response = self._cm.__enter__()
+        self.raw = b""
+        self._pending = b""
+        self._chunks = self.response.iter_raw()
+
+    def next(self) -> tuple[int, dict[str, Any]]:
+        """The next event as (id, data); comments are skipped."""
+        while b"\n\n" not in self._pending:
+            chunk = next(self._chunks)
+            self.raw += chunk
+            self._pending += chunk
+        frame, self._pending = self._pending.split(b"\n\n", 1)
+        lines = [ln for ln in frame.decode().split("\n") if not ln.startswith(":")]
+        if not lines:
+            return self.next()
+        event_id = int(lines[0].removeprefix("id: "))
+        assert lines[1].startswith("data: ") and len(lines) == 2, frame
+        return event_id, json.loads(lines[1].removeprefix("data: "))
+
+    def until_done(self) -> list[tuple[int, dict[str, Any]]]:
+        events = []
+        while True:
+            event = self.next()
+            events.append(event)
+            if event[1]["type"] == "done":
+                return events
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def text_of(events: list[tuple[int, dict[str, Any]]]) -> str:
+    return "".join(e["delta"] for _, e in events if e["type"] == "delta")

@@ -1,0 +1,403 @@
+"""Generations end to end through local mode: create, stream (SSE), cancel, resume, races."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from helpers import Account, Api, EventStream, assert_error, text_of
+
+from minichat import limits
+
+QUESTION = "Tell me about the quick brown fox"
+SLOW = "one two three four five six seven eight"
+
+
+def _create(api: Api, user: Account, chat_id: str, **body: Any) -> httpx.Response:
+    return api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json=body)
+
+
+def _start(api: Api, user: Account, content: str = QUESTION, **body: Any) -> dict[str, Any]:
+    chat = api.create_chat(user)
+    r = _create(api, user, chat["id"], content=content, **body)
+    assert r.status_code == 201, r.text
+    return {"chat": chat, **r.json()}
+
+
+def _open(api: Api, started: dict[str, Any], headers: dict[str, str] | None = None) -> EventStream:
+    return EventStream(api.http, started["streamUrl"], headers)
+
+
+def _generation(api: Api, user: Account, generation_id: str) -> dict[str, Any]:
+    r = api.request("GET", f"/api/generations/{generation_id}", user=user)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_happy_path_matches_the_stream_protocol_byte_for_byte(api: Api, db: Any) -> None:
+    user = api.register()
+    started = _start(api, user)
+    assert set(started) == {"chat", "generationId", "generation", "streamUrl"}
+    assert started["generation"]["status"] == "queued" and started["generation"]["model"] == "mock-echo"
+    assert started["streamUrl"].startswith(f"/api/generations/{started['generationId']}/stream?ticket=")
+    stream = _open(api, started)
+    assert stream.response.status_code == 200
+    assert stream.response.headers["content-type"].startswith("text/event-stream")
+    assert "no-cache" in stream.response.headers["cache-control"]
+    events = stream.until_done()
+    stream.close()
+    assert [i for i, _ in events] == list(range(1, len(events) + 1))
+    kinds = [e["type"] for _, e in events]
+    assert kinds[-2:] == ["usage", "done"] and set(kinds[:-2]) == {"delta"}
+    assert text_of(events) == QUESTION
+    usage = events[-2][1]
+    assert usage["outputTokens"] == 7 and usage["inputTokens"] > 0 and usage["estimated"] is False
+    assert events[-1][1] == {"type": "done", "status": "succeeded"}
+    expected = b"".join(
+        f"id: {i}\ndata: {json.dumps(e, separators=(',', ':'), ensure_ascii=False)}\n\n".encode() for i, e in events
+    )
+    assert stream.raw == expected  # exact framing: one id line, one data line, a blank line
+    generation = _generation(api, user, started["generationId"])
+    assert generation["status"] == "succeeded"
+    assert generation["startedAt"] and generation["finishedAt"] >= generation["startedAt"]
+    assert generation["outputTokens"] == 7 and generation["inputTokens"] == usage["inputTokens"]
+    messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
+    assert [(m["role"], m["content"]) for m in messages] == [("user", QUESTION), ("assistant", QUESTION)]
+    assert messages[1]["generationId"] == started["generationId"]
+
+
+def test_generation_shape_and_request_id(api: Api) -> None:
+    user = api.register()
+    chat = api.create_chat(user)
+    r = api.request(
+        "POST",
+        f"/api/chats/{chat['id']}/generations",
+        user=user,
+        headers={"X-Request-Id": "req-gen-1"},
+        json={"content": "hi", "model": "mock-echo", "systemPrompt": "Be brief.", "temperature": 0.5, "maxTokens": 64},
+    )
+    assert r.status_code == 201, r.text
+    g = r.json()["generation"]
+    assert set(g) == {
+        "id", "chatId", "status", "model", "systemPrompt", "temperature", "maxTokens", "inputTokens",
+        "outputTokens", "createdAt", "startedAt", "finishedAt", "errorCode", "errorMessage", "requestId",
+    }  # fmt: skip
+    assert g["requestId"] == "req-gen-1" and g["systemPrompt"] == "Be brief."
+    assert g["temperature"] == 0.5 and g["maxTokens"] == 64 and g["chatId"] == chat["id"]
+    api.request("POST", f"/api/generations/{g['id']}/cancel", user=user)
+
+
+def test_cancel_while_streaming_keeps_the_partial_answer(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, SLOW, model="mock-slow")
+    stream = _open(api, started)
+    first = [stream.next(), stream.next()]
+    t0 = time.monotonic()
+    r = api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
+    assert r.status_code == 200 and r.json()["status"] in {"streaming", "canceled"}
+    rest = stream.until_done()
+    elapsed = time.monotonic() - t0
+    stream.close()
+    assert elapsed < 1.0, elapsed
+    events = first + rest
+    assert events[-1][1] == {"type": "done", "status": "canceled"}
+    assert events[-2][1]["type"] == "usage" and events[-2][1]["estimated"] is True
+    partial = text_of(events)
+    assert partial and SLOW.startswith(partial) and partial != SLOW
+    g = _generation(api, user, started["generationId"])
+    assert g["status"] == "canceled" and g["outputTokens"] > 0
+    messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
+    assert messages[-1]["role"] == "assistant" and messages[-1]["content"] == partial
+    again = api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
+    assert again.status_code == 200 and again.json()["status"] == "canceled"  # idempotent
+
+
+def test_cancel_while_the_model_is_silent(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, "stall here please", model="mock-stall")
+    stream = _open(api, started)
+    assert stream.next()[1]["type"] == "delta"
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
+    rest = stream.until_done()
+    stream.close()
+    assert time.monotonic() - t0 < 1.0
+    assert rest[-1][1]["status"] == "canceled"
+
+
+def test_a_stalled_model_times_out_and_frees_the_user(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, "stall here please", model="mock-stall")
+    stream = _open(api, started)
+    events = stream.until_done()  # idle timeout is 2 s in the test environment
+    stream.close()
+    kinds = [e["type"] for _, e in events]
+    assert kinds == ["delta", "error", "usage", "done"]
+    assert events[1][1]["code"] == "provider_timeout"
+    assert events[-1][1]["status"] == "failed"
+    g = _generation(api, user, started["generationId"])
+    assert g["status"] == "failed" and g["errorCode"] == "provider_timeout"
+    assert _create(api, user, started["chat"]["id"], content="again").status_code == 201
+
+
+def test_cancel_a_queued_generation(api: Api, redis_client: Any) -> None:
+    user = api.register()
+    started = _start(api, user)
+    r = api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
+    assert r.status_code == 200 and r.json()["status"] == "canceled" and r.json()["finishedAt"]
+    assert redis_client.get(limits.inflight_key(user.user_id)) is None
+    assert _create(api, user, started["chat"]["id"], content="next").status_code == 201
+    stream = _open(api, started)
+    events = stream.until_done()
+    stream.close()
+    assert [e["type"] for _, e in events] == ["usage", "done"] and events[-1][1]["status"] == "canceled"
+
+
+def test_provider_error(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, "alpha beta gamma delta epsilon", model="mock-error")
+    stream = _open(api, started)
+    events = stream.until_done()
+    stream.close()
+    kinds = [e["type"] for _, e in events]
+    assert kinds[-3:] == ["error", "usage", "done"] and set(kinds[:-3]) == {"delta"}
+    assert text_of(events) == "alpha beta gamma"
+    error = events[-3][1]
+    assert error["code"] == "provider_error" and error["message"]
+    g = _generation(api, user, started["generationId"])
+    assert g["status"] == "failed" and g["errorCode"] == "provider_error" and g["errorMessage"]
+    messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
+    assert messages[-1]["content"] == "alpha beta gamma"
+
+
+def _wait_terminal(api: Api, user: Account, generation_id: str, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        g = _generation(api, user, generation_id)
+        if g["status"] in {"succeeded", "canceled", "failed"}:
+            return g
+        assert time.monotonic() < deadline, g
+        time.sleep(0.05)
+
+
+def test_client_disconnect_does_not_stop_the_generation(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, "a b c d e", model="mock-slow")
+    stream = _open(api, started)
+    stream.next()
+    stream.close()
+    g = _wait_terminal(api, user, started["generationId"])
+    assert g["status"] == "succeeded"
+    messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
+    assert messages[-1]["content"] == "a b c d e"
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+def test_resume_mid_stream_with_last_event_id(api: Api, how: str) -> None:
+    user = api.register()
+    started = _start(api, user, SLOW, model="mock-slow")
+    first = _open(api, started)
+    head = [first.next() for _ in range(3)]
+    first.close()
+    if how == "header":
+        second = _open(api, started, {"Last-Event-ID": "3"})
+    else:
+        second = EventStream(api.http, started["streamUrl"] + "&lastEventId=3")
+    tail = second.until_done()
+    second.close()
+    events = head + tail
+    assert [i for i, _ in events] == list(range(1, len(events) + 1))  # no loss, no duplicate
+    assert text_of(events) == SLOW
+
+
+def test_a_stream_opened_after_the_end_replays_the_whole_sequence(api: Api, redis_client: Any) -> None:
+    user = api.register()
+    started = _start(api, user)
+    live = _open(api, started)
+    events = live.until_done()
+    live.close()
+    replay = _open(api, started)
+    assert replay.until_done() == events
+    replay.close()
+    resumed = _open(api, started, {"Last-Event-ID": str(len(events) - 2)})
+    assert resumed.until_done() == events[-2:]
+    resumed.close()
+    # Once the buffer has expired: rebuilt from the database, one delta, numbered from 1, Last-Event-ID ignored.
+    redis_client.delete(f"generation:{started['generationId']}:events")
+    rebuilt = _open(api, started, {"Last-Event-ID": "2"})
+    got = rebuilt.until_done()
+    rebuilt.close()
+    assert [(i, e["type"]) for i, e in got] == [(1, "delta"), (2, "usage"), (3, "done")]
+    assert got[0][1]["delta"] == QUESTION and got[1][1] == events[-2][1] and got[2][1] == events[-1][1]
+
+
+def test_two_concurrent_readers_see_identical_sequences(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, SLOW, model="mock-slow")
+    results: list[list[tuple[int, dict[str, Any]]]] = []
+
+    def read(delay: float) -> None:
+        time.sleep(delay)
+        with httpx.Client(base_url=api.base_url, timeout=30) as client:
+            stream = EventStream(client, started["streamUrl"])
+            results.append(stream.until_done())
+            stream.close()
+
+    threads = [threading.Thread(target=read, args=(d,)) for d in (0, 0, 0.5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and results[0] == results[1] == results[2]
+    assert text_of(results[0]) == SLOW
+
+
+def test_twelve_parallel_creates_exactly_one_wins(api: Api, db: Any) -> None:
+    user = api.register()
+    chat = api.create_chat(user)
+    barrier = threading.Barrier(12)
+    replies: list[httpx.Response] = []
+
+    def create() -> None:
+        with httpx.Client(base_url=api.base_url, timeout=30) as client:
+            barrier.wait()
+            replies.append(
+                client.post(f"/api/chats/{chat['id']}/generations", headers=user.headers, json={"model": "mock-echo"})
+            )
+
+    threads = [threading.Thread(target=create) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in replies if r.status_code == 201]
+    losers = [r for r in replies if r.status_code != 201]
+    assert len(winners) == 1
+    winner = winners[0].json()["generationId"]
+    for r in losers:
+        assert assert_error(r, 409, "generation_in_flight")["generationId"] == winner
+    assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
+
+
+def test_the_next_generation_can_start_as_soon_as_done_is_seen(api: Api) -> None:
+    user = api.register()
+    chat = api.create_chat(user)
+    for i in range(3):
+        r = _create(api, user, chat["id"], content=f"turn {i}")
+        assert r.status_code == 201, r.text
+        stream = EventStream(api.http, r.json()["streamUrl"])
+        stream.until_done()
+        stream.close()
+    messages = api.request("GET", f"/api/chats/{chat['id']}/messages", user=user).json()["items"]
+    assert [m["content"] for m in messages] == ["turn 0", "turn 0", "turn 1", "turn 1", "turn 2", "turn 2"]
+
+
+def test_a_lock_left_by_a_finished_generation_never_blocks(api: Api, redis_client: Any) -> None:
+    user = api.register()
+    started = _start(api, user)
+    api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
+    redis_client.set(limits.inflight_key(user.user_id), started["generationId"], px=60_000)
+    assert _create(api, user, started["chat"]["id"], content="go").status_code == 201
+
+
+def test_the_database_backstops_a_lost_redis_lock(api: Api, redis_client: Any) -> None:
+    user = api.register()
+    started = _start(api, user)
+    redis_client.delete(limits.inflight_key(user.user_id))
+    r = _create(api, user, started["chat"]["id"], content="second")
+    assert assert_error(r, 409, "generation_in_flight")["generationId"] == started["generationId"]
+
+
+def test_unknown_model_writes_nothing(api: Api, db: Any) -> None:
+    user = api.register()
+    chat = api.create_chat(user)
+    error = assert_error(_create(api, user, chat["id"], content="hi", model="gpt-nope"), 400, "unknown_model")
+    assert "gpt-nope" in error["message"]
+    assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"maxTokens": 0}, "maxTokens"),
+        ({"maxTokens": 32_769}, "maxTokens"),
+        ({"maxTokens": 1.5}, "maxTokens"),
+        ({"systemPrompt": "s" * 8_001}, "systemPrompt"),
+        ({"content": "   "}, "content"),
+        ({"content": "x" * 32_001}, "content"),
+        ({"status": "succeeded"}, "status"),
+        ({"userId": str(uuid.uuid4())}, "userId"),
+    ],
+)
+def test_generation_validation(api: Api, db: Any, body: dict[str, Any], field: str) -> None:
+    user = api.register()
+    chat = api.create_chat(user)
+    assert assert_error(_create(api, user, chat["id"], **body), 400, "validation_error")["field"] == field
+    assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
+
+
+def test_stream_auth(api: Api) -> None:
+    owner, other = api.register(), api.register()
+    a = _start(api, owner)
+    b = _start(api, other)
+    path = f"/api/generations/{a['generationId']}/stream"
+    assert_error(api.http.get(path), 401, "unauthorized")
+    ticket_b = b["streamUrl"].split("ticket=")[1]
+    assert_error(api.http.get(f"{path}?ticket={ticket_b}"), 401, "invalid_token")  # another generation's ticket
+    assert_error(api.http.get(f"{path}?ticket=garbage"), 401, "invalid_token")
+    assert_error(api.http.get(path, headers=other.headers), 404, "not_found")
+    assert_error(api.http.get("/api/generations/not-a-uuid/stream", headers=owner.headers), 404, "not_found")
+    # The ticket is no access token, and an access token is no ticket.
+    assert_error(api.http.get("/api/auth/me", headers={"Authorization": f"Bearer {ticket_b}"}), 401, "invalid_token")
+    assert_error(api.http.get(f"{path}?ticket={owner.access}"), 401, "invalid_token")
+    stream = EventStream(api.http, path, owner.headers)  # the Bearer header works too
+    assert stream.until_done()[-1][1]["status"] == "succeeded"
+    stream.close()
+    api.request("POST", f"/api/generations/{b['generationId']}/cancel", user=other)
+
+
+def test_another_users_generation_is_not_found(api: Api, db: Any) -> None:
+    owner, other = api.register(), api.register()
+    started = _start(api, owner)
+    gid = started["generationId"]
+    assert_error(api.request("GET", f"/api/generations/{gid}", user=other), 404, "not_found")
+    assert_error(api.request("POST", f"/api/generations/{gid}/cancel", user=other), 404, "not_found")
+    assert_error(_create(api, other, started["chat"]["id"], content="x"), 404, "not_found")
+    assert db.execute("SELECT status FROM generations").fetchall() == [("queued",)]
+    api.request("POST", f"/api/generations/{gid}/cancel", user=owner)
+
+
+def test_deleting_a_chat_ends_its_running_generation_first(api: Api, db: Any, redis_client: Any) -> None:
+    user = api.register()
+    started = _start(api, user, SLOW, model="mock-slow")
+    stream = _open(api, started)
+    stream.next()
+    r = api.request("DELETE", f"/api/chats/{started['chat']['id']}", user=user)
+    assert r.status_code == 204
+    assert redis_client.get(limits.inflight_key(user.user_id)) is None
+    other = api.create_chat(user)
+    assert _create(api, user, other["id"], content="right away").status_code == 201
+    assert stream.until_done()[-1][1]["type"] == "done"
+    stream.close()
+    # Usage already counted stays counted: the usage event outlives the chat.
+    usage = db.execute("SELECT payload FROM outbox WHERE queue = 'usage_event'").fetchall()
+    assert [p[0]["generationId"] for p in usage] == [started["generationId"]]
+
+
+def test_models(api: Api) -> None:
+    user = api.register()
+    r = api.request("GET", "/api/models", user=user)
+    assert r.status_code == 200
+    ids = {m["id"]: m["provider"] for m in r.json()["items"]}
+    assert {"mock-echo", "mock-slow", "mock-stall", "mock-error"} <= set(ids)
+    assert ids["mock-echo"] == "mock"
+    assert_error(api.http.get("/api/models"), 401, "unauthorized")
