@@ -77,6 +77,11 @@ async def stream(request: Request) -> Response:
     )
 
 
+async def ready(request: Request) -> Response:
+    """The Lambda Web Adapter's readiness check (AWS_LWA_READINESS_CHECK_PATH)."""
+    return JSONResponse({"status": "ok"})
+
+
 async def not_found(request: Request) -> Response:
     return _error(NotFound("No such route."), accept_request_id(request.headers.get("x-request-id")))
 
@@ -95,6 +100,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
 app = Starlette(
     routes=[
         Route("/api/generations/{generation_id}/stream", stream, methods=["GET"]),
+        Route("/_ready", ready, methods=["GET"]),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ],
     lifespan=lifespan,

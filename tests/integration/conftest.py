@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -19,12 +20,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Models the OpenAI provider serves in the test server: the stub reads its behaviour from the name.
+STUB_MODELS = ("stub-tokens-12", "stub-tokens-30-rate-20", "stub-error-500", "stub-stall-after-2")
+
+
 @pytest.fixture(scope="session")
-def server(database_url: str) -> Iterator[str]:
+def openai_stub() -> Iterator[Any]:
+    """An OpenAI-compatible server (the edge of the world) for the whole session."""
+    from minichat_local.openai_stub import OpenAIStub, serve_stub
+
+    stub = OpenAIStub()
+    with serve_stub(stub) as base_url:
+        stub.base_url = base_url  # type: ignore[attr-defined]
+        yield stub
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, openai_stub: Any) -> Iterator[str]:
     """The local-mode app on http://127.0.0.1:<port> for the whole session."""
     import uvicorn
 
+    from minichat.config import set_settings
     from minichat_local.server import build_app
+
+    os.environ.update(
+        {
+            "OPENAI_BASE_URL": openai_stub.base_url,
+            "OPENAI_API_KEY": "sk-test-not-a-real-key",
+            "MINICHAT_OPENAI_MODELS": ",".join(STUB_MODELS),
+            "MINICHAT_DEFAULT_MODEL": "mock-echo",
+        }
+    )
+    set_settings(None)  # re-read the environment, whatever an earlier test cached
 
     port = free_port()
     config = uvicorn.Config(build_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -401,3 +401,85 @@ def test_models(api: Api) -> None:
     assert {"mock-echo", "mock-slow", "mock-stall", "mock-error"} <= set(ids)
     assert ids["mock-echo"] == "mock"
     assert_error(api.http.get("/api/models"), 401, "unauthorized")
+
+
+def test_openai_models_stream_through_minichat(api: Api, openai_stub: Any) -> None:
+    from minichat_local.openai_stub import stub_text
+
+    user = api.register()
+    before = openai_stub.stats.requests
+    started = _start(api, user, "hello upstream", model="stub-tokens-12")
+    stream = _open(api, started)
+    events = stream.until_done()
+    stream.close()
+    assert text_of(events) == stub_text(12)
+    usage = events[-2][1]
+    assert usage["outputTokens"] == 12 and usage["estimated"] is False
+    assert openai_stub.stats.requests == before + 1
+    sent = openai_stub.stats.last_request
+    assert sent["model"] == "stub-tokens-12" and sent["messages"][-1] == {"role": "user", "content": "hello upstream"}
+    assert openai_stub.stats.last_authorization == "Bearer sk-test-not-a-real-key"
+
+
+def test_openai_upstream_failure_is_a_provider_error_without_the_body(api: Api) -> None:
+    user = api.register()
+    started = _start(api, user, "x", model="stub-error-500")
+    stream = _open(api, started)
+    events = stream.until_done()
+    stream.close()
+    error = events[-3][1]
+    assert error["code"] == "provider_error" and "stub_error" not in error["message"]
+    assert "sk-test" not in stream.raw.decode()
+
+
+def test_two_first_connections_in_two_processes_make_one_model_call(
+    api: Api, openai_stub: Any, database_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minichat_local", "--port", str(port)],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        other = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{other}/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "second process did not start"
+            time.sleep(0.1)
+        user = api.register()
+        before = openai_stub.stats.requests
+        started = _start(api, user, "race", model="stub-tokens-30-rate-20")
+        barrier = threading.Barrier(2)
+        results: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+
+        def read(base: str) -> None:
+            with httpx.Client(base_url=base, timeout=30) as client:
+                barrier.wait()
+                stream = EventStream(client, started["streamUrl"])
+                results[base] = stream.until_done()
+                stream.close()
+
+        threads = [threading.Thread(target=read, args=(b,)) for b in (api.base_url, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results[api.base_url] == results[other]
+        assert openai_stub.stats.requests == before + 1  # exactly one model call
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
