@@ -66,8 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    from minichat_local.services import Background
+
+    background = Background()
+    background.start()
     print(f"minichat: serving local mode on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
-    _Server(config).run()
+    try:
+        _Server(config).run()
+    finally:
+        background.stop()
     print("minichat: stopped", file=sys.stderr)
     return 0
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,11 +15,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from minichat.config import get_settings
 from minichat.errors import ServiceUnavailable
 
-__all__ = ["Conn", "close_pool", "get_pool", "transaction"]
+__all__ = ["Conn", "after_commit", "close_pool", "get_pool", "transaction"]
 
 Conn = psycopg.Connection[dict[str, Any]]
 
 _pool: ConnectionPool[Conn] | None = None
+_on_commit: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
+    "minichat_on_commit", default=None
+)
 _pool_lock = threading.Lock()
 
 
@@ -55,14 +59,30 @@ def close_pool() -> None:
             _pool = None
 
 
+def after_commit(callback: Callable[[], None]) -> None:
+    """Run `callback` once the current transaction() has committed (never if it rolls back).
+
+    Outside transaction() (a caller managing its own connection) nothing is registered.
+    """
+    callbacks = _on_commit.get()
+    if callbacks is not None and callback not in callbacks:
+        callbacks.append(callback)
+
+
 @contextmanager
 def transaction() -> Iterator[Conn]:
     """One connection in one transaction: committed on success, rolled back on any error.
 
     A database that cannot be reached becomes ServiceUnavailable (503), never a 500.
     """
+    callbacks: list[Callable[[], None]] = []
+    token = _on_commit.set(callbacks)
     try:
         with get_pool().connection() as conn:
             yield conn
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
+    finally:
+        _on_commit.reset(token)
+    for callback in callbacks:
+        callback()

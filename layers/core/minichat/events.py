@@ -1,16 +1,47 @@
-"""Outbox, event schemas and the publisher (confirms). One module owns every event's shape."""
+"""Outbox, event schemas and the publisher (confirms). One module owns every event's shape.
+
+Events are rows in `outbox`, written in the transaction of the change they describe (record_audit,
+record_usage). The relay publishes pending rows to RabbitMQ with publisher confirms and marks them
+published only after the broker confirmed them, so a broker outage delays events and never loses one:
+- `publish_pending()`: the fast path, called right after a commit; never raises.
+- `sweep()`: the periodic catch-up (local mode: `run_relay` on a timer; AWS: `relay_handler` on a schedule).
+Delivery is at-least-once (a crash between the confirm and the commit republishes); the worker
+deduplicates on eventId.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg.types.json import Jsonb
 
-from minichat.db import Conn
+from minichat.db import Conn, after_commit, transaction
+from minichat.errors import ServiceUnavailable
+from minichat.log import get_logger
 
-__all__ = ["AUDIT_QUEUE", "USAGE_QUEUE", "record_audit", "record_usage"]
+if TYPE_CHECKING:
+    import pika
+    from pika.adapters.blocking_connection import BlockingChannel
+
+__all__ = [
+    "AUDIT_QUEUE",
+    "USAGE_QUEUE",
+    "OutboxRelay",
+    "close_relay",
+    "get_relay",
+    "publish_pending",
+    "record_audit",
+    "record_usage",
+    "relay_handler",
+    "run_relay",
+    "sweep",
+]
 
 USAGE_QUEUE = "usage_event"
 AUDIT_QUEUE = "audit_event"
@@ -20,14 +51,38 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+_commit_listener: Callable[[], None] | None = None
+
+
+def set_commit_listener(listener: Callable[[], None] | None) -> None:
+    """What runs after a commit that wrote outbox rows (local mode: wake its relay thread)."""
+    global _commit_listener
+    _commit_listener = listener
+
+
+def _outbox_committed() -> None:
+    # The fast path. On Lambda nothing runs after the reply, so publish now (the schedule sweeps what
+    # this misses); elsewhere a listener (local mode's relay thread) or the periodic sweep does it.
+    if _commit_listener is not None:
+        _commit_listener()
+        return
+    from minichat.config import get_settings
+
+    if get_settings().environment == "aws":
+        publish_pending()
+
+
 def _enqueue(conn: Conn, queue: str, payload: dict[str, Any]) -> None:
+    after_commit(_outbox_committed)
     conn.execute(
         "INSERT INTO outbox (event_id, queue, payload) VALUES (%s, %s, %s)",
         (payload["eventId"], queue, Jsonb(payload)),
     )
 
 
-def record_audit(conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None) -> str:
+def record_audit(
+    conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
+) -> str:
     """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
     event_id = str(uuid.uuid4())
     _enqueue(
@@ -71,3 +126,237 @@ def record_usage(
         },
     )
     return event_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The relay: outbox → RabbitMQ.
+
+log = get_logger("minichat.events")
+
+# Claimed in id order; SKIP LOCKED makes a second relay take the next rows instead of waiting for, and
+# then re-sending, the rows the first one is publishing. The lock is held until the rows are marked.
+_CLAIM_SQL = (
+    "SELECT id, event_id, queue, payload, created_at FROM outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+_MARK_SQL = "UPDATE outbox SET published_at = now() WHERE id = ANY(%s)"
+_MAX_LIMIT = 10_000
+# The fast path runs in a request: it publishes a few batches at most and leaves a backlog to the sweep.
+_FAST_PATH_ROUNDS = 3
+
+
+class OutboxRelay:
+    """Publishes pending outbox rows over one long-lived connection, re-opened after a failure.
+
+    Thread-safe: one thread publishes at a time (pika connections are not thread-safe); a fast-path
+    caller that finds the relay busy leaves a note, and the busy thread goes round once more for it.
+    """
+
+    def __init__(self, *, url: str | None = None, min_backoff: float = 0.5, max_backoff: float = 5.0) -> None:
+        self._url = url
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._backoff = min_backoff
+        self._retry_at = 0.0
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._lock = threading.Lock()
+        self._wanted = False
+
+    def publish_pending(self, *, limit: int = 500) -> int:
+        """Fast path: publish what is pending unless another thread is at it; raises ServiceUnavailable."""
+        return self._run(limit=limit, blocking=False, drain=False, deadline=None)
+
+    def sweep(self, *, limit: int = 500, time_budget: float = 50.0) -> int:
+        """Publish every pending row, batch after batch, until none is left or the budget is spent."""
+        return self._run(limit=limit, blocking=True, drain=True, deadline=time.monotonic() + time_budget)
+
+    def close(self) -> None:
+        """Close the broker connection (it is re-opened on next use)."""
+        with self._lock:
+            self._drop_connection()
+
+    def _run(self, *, limit: int, blocking: bool, drain: bool, deadline: float | None) -> int:
+        if not 1 <= limit <= _MAX_LIMIT:
+            raise ValueError(f"limit must be between 1 and {_MAX_LIMIT}")
+        self._wanted = True
+        total = 0
+        while True:
+            if not self._lock.acquire(blocking=blocking):
+                return total  # the thread holding the lock sees `_wanted` and publishes our rows
+            try:
+                rounds = 0
+                while self._wanted:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return total
+                    if not drain and rounds >= _FAST_PATH_ROUNDS:
+                        return total
+                    self._wanted = False
+                    published = self._publish_batch(limit)
+                    total += published
+                    rounds += 1
+                    if drain and published == limit:
+                        self._wanted = True
+            finally:
+                self._lock.release()
+            # A caller may have left its note between our last check and the release.
+            if not self._wanted:
+                return total
+
+    def _publish_batch(self, limit: int) -> int:
+        import pika
+        import pika.exceptions
+
+        from minichat.broker import BrokerUnavailable
+
+        channel = self._ensure_channel()
+        published: list[int] = []
+        failure: Exception | None = None
+        with transaction() as conn:
+            rows = conn.execute(_CLAIM_SQL, (limit,)).fetchall()
+            for row in rows:
+                properties = pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,  # persistent
+                    message_id=str(row["event_id"]),
+                    timestamp=int(row["created_at"].timestamp()),
+                    app_id="minichat",
+                )
+                body = json.dumps(row["payload"], separators=(",", ":"), ensure_ascii=False).encode()
+                try:
+                    # Blocks until the broker confirms (ack) or refuses (nack, unroutable).
+                    channel.basic_publish("", row["queue"], body, properties, mandatory=True)
+                except (pika.exceptions.AMQPError, OSError) as exc:
+                    failure = exc
+                    break
+                published.append(row["id"])
+            if published:
+                # Only what the broker confirmed; the rest stays pending for the next attempt.
+                conn.execute(_MARK_SQL, (published,))
+        if published:
+            log.info("outbox published", count=len(published), last_id=published[-1])
+        if failure is not None:
+            self._drop_connection()
+            raise BrokerUnavailable() from failure
+        return len(published)
+
+    def _ensure_channel(self) -> BlockingChannel:
+        import pika.exceptions
+
+        from minichat import broker
+
+        if self._connection is not None and self._channel is not None:
+            try:
+                # Answers heartbeats and notices a connection the broker closed while we were idle.
+                self._connection.process_data_events(0)
+                if self._channel.is_open:
+                    return self._channel
+            except (pika.exceptions.AMQPError, OSError):
+                log.info("outbox relay reconnecting")
+            self._drop_connection()
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise broker.BrokerUnavailable()  # backing off: the outbox keeps the rows meanwhile
+        connection: pika.BlockingConnection | None = None
+        try:
+            connection = broker.connect(self._url, name="minichat-relay")
+            channel = connection.channel()
+            broker.declare_topology(channel)
+            channel.confirm_delivery()
+        except (broker.BrokerUnavailable, pika.exceptions.AMQPError, OSError) as exc:
+            if connection is not None:
+                self._close_quietly(connection)
+            self._retry_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, self._max_backoff)
+            if isinstance(exc, broker.BrokerUnavailable):
+                raise
+            raise broker.BrokerUnavailable() from exc
+        self._backoff = self._min_backoff
+        self._retry_at = 0.0
+        self._connection, self._channel = connection, channel
+        return channel
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._close_quietly(self._connection)
+        self._connection = None
+        self._channel = None
+
+    @staticmethod
+    def _close_quietly(connection: pika.BlockingConnection) -> None:
+        import pika.exceptions
+
+        try:
+            if connection.is_open:
+                connection.close()
+        except (pika.exceptions.AMQPError, OSError):
+            pass  # already broken: there is nothing left to close cleanly
+
+
+_relay: OutboxRelay | None = None
+_relay_lock = threading.Lock()
+
+
+def get_relay() -> OutboxRelay:
+    """The process-wide relay (one broker connection per process), created on first use."""
+    global _relay
+    if _relay is None:
+        with _relay_lock:
+            if _relay is None:
+                _relay = OutboxRelay()
+    return _relay
+
+
+def close_relay() -> None:
+    """Close and forget the process-wide relay (shutdown, tests switching brokers)."""
+    global _relay
+    with _relay_lock:
+        if _relay is not None:
+            _relay.close()
+            _relay = None
+
+
+def publish_pending(*, limit: int = 500) -> int:
+    """Fast path, right after a commit: publish pending rows; never raises (the sweep retries the rest)."""
+    from minichat.broker import TopologyMismatch
+
+    try:
+        return get_relay().publish_pending(limit=limit)
+    except (ServiceUnavailable, TopologyMismatch) as exc:
+        log.warning("outbox relay deferred", error=type(exc).__name__, reason=str(exc))
+        return 0
+
+
+def sweep(*, limit: int = 500, time_budget: float = 50.0) -> int:
+    """Publish every pending row until none is left or the budget is spent; raises ServiceUnavailable."""
+    return get_relay().sweep(limit=limit, time_budget=time_budget)
+
+
+def relay_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Scheduled Lambda entry point: sweep the outbox within the invocation's time; raises when it cannot."""
+    from minichat.config import get_settings
+    from minichat.log import setup_logging
+
+    setup_logging(get_settings().log_level)
+    budget = 50.0
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if callable(remaining):
+        budget = max(1.0, remaining() / 1000 - 5.0)  # keep 5 s to commit the last batch
+    return {"published": sweep(time_budget=budget)}
+
+
+def run_relay(stop: threading.Event, *, interval: float = 1.0, wake: threading.Event | None = None) -> None:
+    """Local mode's relay: sweep when woken (right after a commit) or every `interval` seconds, until `stop`.
+
+    Failures only delay delivery: the rows stay pending.
+    """
+    from minichat.broker import TopologyMismatch
+
+    wake = wake or threading.Event()
+    while not stop.is_set():
+        wake.clear()
+        try:
+            sweep()
+        except (ServiceUnavailable, TopologyMismatch) as exc:
+            log.warning("outbox sweep failed", error=type(exc).__name__, reason=str(exc))
+        wake.wait(interval)

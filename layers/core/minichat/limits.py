@@ -57,10 +57,10 @@ def release_inflight(client: redis.Redis, *, user_id: str, generation_id: str) -
 
 
 async def release_inflight_async(client: redis.asyncio.Redis, *, user_id: str, generation_id: str) -> bool:
-    return bool(await client.eval(_RELEASE, 1, inflight_key(user_id), generation_id))  # type: ignore[misc]
+    return bool(await client.eval(_RELEASE, 1, inflight_key(user_id), generation_id))
 
 
 async def renew_inflight_async(
     client: redis.asyncio.Redis, *, user_id: str, generation_id: str, ttl_ms: int = LOCK_TTL_MS
 ) -> bool:
-    return bool(await client.eval(_RENEW, 1, inflight_key(user_id), generation_id, ttl_ms))  # type: ignore[misc]
+    return bool(await client.eval(_RENEW, 1, inflight_key(user_id), generation_id, ttl_ms))

@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
+from datetime import date
 from typing import Any
 
 from minichat.errors import InvalidJson, NotFound, PayloadTooLarge, ValidationError
@@ -19,6 +20,7 @@ __all__ = [
     "email_field",
     "encode_cursor",
     "number_field",
+    "parse_day",
     "parse_json_object",
     "parse_limit",
     "parse_uuid",
@@ -119,6 +121,19 @@ def number_field(body: Mapping[str, Any], name: str, *, low: float, high: float,
     if not math.isfinite(value) or not low <= value <= high:
         raise ValidationError(f"Field '{name}' must be between {low:g} and {high:g}.", field=name)
     return value
+
+
+def parse_day(query: Mapping[str, str], name: str) -> date | None:
+    """A `YYYY-MM-DD` query parameter (a UTC day); None when absent."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        if len(raw) != 10:
+            raise ValueError(raw)
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ValidationError(f"'{name}' must be a day as YYYY-MM-DD.", field=name) from None
 
 
 def parse_uuid(value: str | None) -> str:

@@ -1,0 +1,558 @@
+"""What the worker does with usage and audit events, and the daily totals the API reads.
+
+A batch is Amazon MQ's RabbitMQ event (`eventSource: "aws:rmq"`, messages grouped by `queue::vhost`,
+base64 `data`). It is recorded in one transaction, idempotently:
+- usage_events: inserted once per eventId and per generationId (ON CONFLICT DO NOTHING ... RETURNING);
+- daily_usage: upserted from the rows actually inserted, keyed by the UTC day of occurredAt, so it always
+  equals the sum of usage_events per user and day, whatever is redelivered;
+- audit_logs: inserted once per eventId;
+- dead_letters: every message that cannot be recorded, with the reason, once per message.
+Every field is validated before anything is written, so no constraint can abort the batch's transaction;
+only an infrastructure error (database down) raises, and the event source then redelivers the batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from minichat.db import transaction
+from minichat.errors import ServiceUnavailable, ValidationError
+from minichat.events import AUDIT_QUEUE, USAGE_QUEUE
+from minichat.log import bind_request_id, get_logger, request_id
+
+__all__ = [
+    "MAX_RANGE_DAYS",
+    "AuditEvent",
+    "BatchResult",
+    "InvalidMessage",
+    "MalformedEvent",
+    "MqMessage",
+    "UsageEvent",
+    "daily_totals",
+    "decode_mq_event",
+    "handle_event",
+    "parse_audit",
+    "parse_usage",
+    "record_batch",
+]
+
+log = get_logger("minichat.usage")
+
+EVENT_SOURCE = "aws:rmq"
+MAX_RANGE_DAYS = 366
+MAX_BODY_BYTES = 256 * 1024
+_MAX_INT4 = 2**31 - 1  # usage_events token columns are `integer`
+_MAX_MODEL_LEN = 200
+_MAX_ACTION_LEN = 100
+_MAX_METADATA_DEPTH = 32
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_ACTION = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+
+
+class MalformedEvent(ValueError):
+    """The invocation is not an Amazon MQ RabbitMQ event at all (a wiring error, not a bad message)."""
+
+
+class InvalidMessage(ValueError):
+    """A message the worker cannot record; its text is the dead letter's reason."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqMessage:
+    """One message of an Amazon MQ batch, as delivered."""
+
+    queue: str
+    vhost: str
+    data: str  # the base64 text as received (or a JSON rendering of an entry without one)
+    body: bytes | None  # None when `error` says why it could not be decoded
+    message_id: str | None = None
+    redelivered: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """A validated usage event."""
+
+    event_id: uuid.UUID
+    user_id: uuid.UUID
+    generation_id: uuid.UUID
+    model: str
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """A validated audit event."""
+
+    event_id: uuid.UUID
+    user_id: uuid.UUID | None
+    action: str
+    metadata: dict[str, Any]
+    occurred_at: datetime
+
+
+@dataclass
+class BatchResult:
+    """What one batch did, counted (logged and returned by the handler)."""
+
+    messages: int = 0
+    redelivered: int = 0  # flagged by the broker: a consumer died or a batch was rejected before
+    usage_inserted: int = 0
+    usage_duplicates: int = 0
+    audit_inserted: int = 0
+    audit_duplicates: int = 0
+    dead_lettered: int = 0
+    days_updated: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON-able fields."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding the Amazon MQ event (pure).
+
+
+def decode_mq_event(event: Mapping[str, Any]) -> list[MqMessage]:
+    """The messages of an Amazon MQ RabbitMQ event, in order; a message that cannot be decoded keeps why."""
+    if not isinstance(event, Mapping) or event.get("eventSource") != EVENT_SOURCE:
+        raise MalformedEvent("not an Amazon MQ RabbitMQ event (eventSource must be 'aws:rmq')")
+    by_queue = event.get("rmqMessagesByQueue")
+    if not isinstance(by_queue, Mapping):
+        raise MalformedEvent("rmqMessagesByQueue must be an object")
+    messages: list[MqMessage] = []
+    for key, entries in by_queue.items():
+        if not isinstance(entries, list):
+            raise MalformedEvent(f"rmqMessagesByQueue[{key!r}] must be a list")
+        queue, _, vhost = str(key).partition("::")
+        messages.extend(_decode_entry(queue, vhost, entry) for entry in entries)
+    return messages
+
+
+def _decode_entry(queue: str, vhost: str, entry: Any) -> MqMessage:
+    if not isinstance(entry, Mapping):
+        return MqMessage(
+            queue=queue, vhost=vhost, data=_render(entry), body=None, error="message entry is not an object"
+        )
+    props = entry.get("basicProperties")
+    message_id = props.get("messageId") if isinstance(props, Mapping) else None
+    common: dict[str, Any] = {
+        "queue": queue,
+        "vhost": vhost,
+        "message_id": message_id if isinstance(message_id, str) else None,
+        "redelivered": entry.get("redelivered") is True,
+    }
+    data = entry.get("data")
+    if not isinstance(data, str):
+        return MqMessage(**common, data=_render(entry), body=None, error="data is missing or not a string")
+    try:
+        body = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters in the text
+        return MqMessage(**common, data=data, body=None, error="data is not valid base64")
+    return MqMessage(**common, data=data, body=body)
+
+
+def _render(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validating bodies (pure): every field and type checked before anything is written.
+
+
+def parse_usage(body: bytes) -> UsageEvent:
+    """A usage event from its JSON body; InvalidMessage says what is wrong."""
+    obj = _load_object(body)
+    return UsageEvent(
+        event_id=_uuid(obj, "eventId"),
+        user_id=_uuid(obj, "userId"),
+        generation_id=_uuid(obj, "generationId"),
+        model=_text(obj, "model", max_len=_MAX_MODEL_LEN),
+        input_tokens=_count(obj, "inputTokens"),
+        output_tokens=_count(obj, "outputTokens"),
+        estimated=_bool(obj, "estimated"),
+        occurred_at=_time(obj, "occurredAt"),
+    )
+
+
+def parse_audit(body: bytes) -> AuditEvent:
+    """An audit event from its JSON body; InvalidMessage says what is wrong."""
+    obj = _load_object(body)
+    action = _text(obj, "action", max_len=_MAX_ACTION_LEN)
+    if not _ACTION.fullmatch(action):
+        raise InvalidMessage("action must look like 'noun.verb' (lowercase, dotted)")
+    if "metadata" not in obj:
+        raise InvalidMessage("metadata is missing")
+    metadata = obj["metadata"]
+    if not isinstance(metadata, dict):
+        raise InvalidMessage("metadata must be an object")
+    _check_storable_json(metadata, "metadata", 0)
+    return AuditEvent(
+        event_id=_uuid(obj, "eventId"),
+        user_id=_uuid(obj, "userId", nullable=True),
+        action=action,
+        metadata=metadata,
+        occurred_at=_time(obj, "occurredAt"),
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidMessage(f"body is not valid JSON ({name} is not a JSON number)")
+
+
+def _load_object(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidMessage(f"body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("body is not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except InvalidMessage:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise InvalidMessage(f"body is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise InvalidMessage("body is not a JSON object")
+    return value
+
+
+def _present(obj: Mapping[str, Any], name: str) -> Any:
+    if name not in obj:
+        raise InvalidMessage(f"{name} is missing")
+    return obj[name]
+
+
+def _uuid(obj: Mapping[str, Any], name: str, *, nullable: bool = False) -> Any:
+    value = _present(obj, name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or not _UUID.fullmatch(value):
+        raise InvalidMessage(f"{name} must be a UUID string")
+    return uuid.UUID(value)
+
+
+def _count(obj: Mapping[str, Any], name: str) -> int:
+    value = _present(obj, name)
+    # bool is an int in Python, never a token count in JSON.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT4:
+        raise InvalidMessage(f"{name} must be an integer between 0 and {_MAX_INT4}")
+    return value
+
+
+def _bool(obj: Mapping[str, Any], name: str) -> bool:
+    value = _present(obj, name)
+    if not isinstance(value, bool):
+        raise InvalidMessage(f"{name} must be true or false")
+    return value
+
+
+def _text(obj: Mapping[str, Any], name: str, *, max_len: int) -> str:
+    value = _present(obj, name)
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
+        raise InvalidMessage(f"{name} must be a string of 1 to {max_len} characters")
+    if not _storable(value):
+        raise InvalidMessage(f"{name} contains characters PostgreSQL cannot store")
+    return value
+
+
+def _time(obj: Mapping[str, Any], name: str) -> datetime:
+    value = _present(obj, name)
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be an ISO-8601 time string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidMessage(f"{name} must be an ISO-8601 time string") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise InvalidMessage(f"{name} must carry a time zone (Z or an offset)")
+    return parsed.astimezone(UTC)
+
+
+def _storable(text: str) -> bool:
+    # PostgreSQL text and jsonb refuse NUL; lone surrogates cannot be encoded to UTF-8 at all.
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_storable_json(value: Any, path: str, depth: int) -> None:
+    if depth > _MAX_METADATA_DEPTH:
+        raise InvalidMessage(f"{path} is nested deeper than {_MAX_METADATA_DEPTH} levels")
+    if isinstance(value, str):
+        if not _storable(value):
+            raise InvalidMessage(f"{path} contains characters PostgreSQL cannot store")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not _storable(key):
+                raise InvalidMessage(f"{path} has a key PostgreSQL cannot store")
+            _check_storable_json(item, path, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_storable_json(item, path, depth + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recording a batch.
+
+# One statement: insert what is new, then add exactly those rows to their user's UTC day. Rows skipped by
+# ON CONFLICT (a redelivery, or a second event for the same generation) never reach daily_usage.
+# ORDER BY: concurrent batches take their row locks in the same order, so they queue instead of deadlocking.
+_INSERT_USAGE_SQL = """
+WITH incoming AS (
+    SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[], %s::text[], %s::int[], %s::int[],
+                         %s::bool[], %s::timestamptz[])
+        AS r(id, user_id, generation_id, model, input_tokens, output_tokens, estimated, occurred_at)
+), inserted AS (
+    INSERT INTO usage_events (id, user_id, generation_id, model, input_tokens, output_tokens, estimated,
+                              occurred_at)
+    SELECT * FROM incoming ORDER BY id
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, occurred_at, input_tokens, output_tokens
+), days AS (
+    INSERT INTO daily_usage AS d (user_id, day, input_tokens, output_tokens)
+    SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date, sum(input_tokens), sum(output_tokens)
+    FROM inserted GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (user_id, day) DO UPDATE
+        SET input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+            output_tokens = d.output_tokens + EXCLUDED.output_tokens
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM days)
+"""
+
+_INSERT_AUDIT_SQL = """
+INSERT INTO audit_logs (id, user_id, action, metadata_json, created_at)
+SELECT id, user_id, action, metadata::jsonb, created_at
+FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::timestamptz[])
+    AS r(id, user_id, action, metadata, created_at)
+ORDER BY id
+ON CONFLICT (id) DO NOTHING
+"""
+
+_INSERT_DEAD_LETTERS_SQL = """
+INSERT INTO dead_letters (queue, message_id, body, reason, fingerprint)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[])
+ON CONFLICT (fingerprint) DO NOTHING
+"""
+
+# FOR KEY SHARE: a user deleted between this check and the insert would break the FK and abort the batch.
+_KNOWN_USERS_SQL = "SELECT id FROM users WHERE id = ANY(%s::uuid[]) FOR KEY SHARE"
+
+
+def record_batch(conn: psycopg.Connection[Any], messages: Iterable[MqMessage]) -> BatchResult:
+    """Record decoded messages in one transaction on `conn`; invalid ones become dead letters."""
+    result = BatchResult()
+    usage: list[tuple[MqMessage, UsageEvent]] = []
+    audit: list[AuditEvent] = []
+    dead: list[tuple[MqMessage, str]] = []
+    for message in messages:
+        result.messages += 1
+        result.redelivered += message.redelivered
+        reason = message.error
+        if reason is None and message.body is not None:
+            try:
+                if message.queue == USAGE_QUEUE:
+                    usage.append((message, parse_usage(message.body)))
+                elif message.queue == AUDIT_QUEUE:
+                    audit.append(parse_audit(message.body))
+                else:
+                    reason = f"unknown queue {message.queue!r}"
+            except InvalidMessage as exc:
+                reason = str(exc)
+        if reason is not None:
+            dead.append((message, reason))
+    if result.messages == 0:
+        return result
+
+    with conn.transaction():
+        cur = conn.cursor(row_factory=tuple_row)
+        if usage:
+            user_ids = sorted({event.user_id for _, event in usage})
+            known = {row[0] for row in cur.execute(_KNOWN_USERS_SQL, (user_ids,))}
+            dead.extend((message, "userId is not a user") for message, e in usage if e.user_id not in known)
+            _insert_usage(cur, [event for _, event in usage if event.user_id in known], result)
+        if audit:
+            _insert_audit(cur, audit, result)
+        if dead:
+            cur.execute(_INSERT_DEAD_LETTERS_SQL, _dead_letter_columns(dead))
+            result.dead_lettered = max(cur.rowcount, 0)
+    for message, reason in dead:
+        log.warning(
+            "message dead-lettered", queue=message.queue, message_id=message.message_id, reason=reason
+        )
+    result.reasons = sorted({reason for _, reason in dead})
+    return result
+
+
+def _first_of_each(events: list[UsageEvent]) -> list[UsageEvent]:
+    # Inside one batch the first delivered wins, as it does across batches (the insert is sorted by id).
+    seen_events: set[uuid.UUID] = set()
+    seen_generations: set[uuid.UUID] = set()
+    kept = []
+    for event in events:
+        if event.event_id in seen_events or event.generation_id in seen_generations:
+            continue
+        seen_events.add(event.event_id)
+        seen_generations.add(event.generation_id)
+        kept.append(event)
+    return kept
+
+
+def _insert_usage(
+    cur: psycopg.Cursor[tuple[Any, ...]], events: list[UsageEvent], result: BatchResult
+) -> None:
+    received = len(events)
+    events = _first_of_each(events)
+    if not events:
+        return
+    row = cur.execute(
+        _INSERT_USAGE_SQL,
+        (
+            [e.event_id for e in events],
+            [e.user_id for e in events],
+            [e.generation_id for e in events],
+            [e.model for e in events],
+            [e.input_tokens for e in events],
+            [e.output_tokens for e in events],
+            [e.estimated for e in events],
+            [e.occurred_at for e in events],
+        ),
+    ).fetchone()
+    inserted, days = row if row is not None else (0, 0)
+    result.usage_inserted = int(inserted)
+    result.days_updated = int(days)
+    result.usage_duplicates = received - result.usage_inserted
+
+
+def _insert_audit(
+    cur: psycopg.Cursor[tuple[Any, ...]], events: list[AuditEvent], result: BatchResult
+) -> None:
+    cur.execute(
+        _INSERT_AUDIT_SQL,
+        (
+            [e.event_id for e in events],
+            [e.user_id for e in events],
+            [e.action for e in events],
+            [json.dumps(e.metadata, ensure_ascii=False) for e in events],
+            [e.occurred_at for e in events],
+        ),
+    )
+    result.audit_inserted = max(cur.rowcount, 0)
+    result.audit_duplicates = len(events) - result.audit_inserted
+
+
+def _dead_letter_columns(dead: list[tuple[MqMessage, str]]) -> tuple[list[Any], ...]:
+    queues, ids, bodies, reasons, fingerprints = [], [], [], [], []
+    for message, reason in dead:
+        queues.append(_printable(message.queue))
+        ids.append(_printable(message.message_id) if message.message_id is not None else None)
+        bodies.append(_dead_letter_body(message))
+        reasons.append(_printable(reason))
+        # The same message delivered again hashes the same: stored once (ON CONFLICT DO NOTHING).
+        digest = hashlib.sha256()
+        for part in (message.queue, message.vhost, message.message_id or "", message.data):
+            digest.update(part.encode("utf-8", "surrogatepass"))
+            digest.update(b"\x00")
+        fingerprints.append(digest.digest())
+    return queues, ids, bodies, reasons, fingerprints
+
+
+def _dead_letter_body(message: MqMessage) -> str:
+    """The body as text when PostgreSQL can store it as is, else the base64 as received (lossless)."""
+    if message.body is not None:
+        try:
+            text = message.body.decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + _printable(message.data)
+        if _storable(text):
+            return text
+        return "base64:" + _printable(message.data)
+    return _printable(message.data)
+
+
+def _printable(text: str) -> str:
+    if _storable(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def handle_event(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
+    """The worker: record one Amazon MQ batch in one transaction; raises on infrastructure errors."""
+    previous = request_id()
+    bind_request_id(getattr(context, "aws_request_id", None))
+    try:
+        return _handle(event)
+    finally:
+        bind_request_id(previous)  # a long-lived caller (the local consumer) keeps logging after us
+
+
+def _handle(event: Mapping[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    messages = decode_mq_event(event)
+    if not messages:
+        return BatchResult().as_dict()
+    try:
+        with transaction() as conn:
+            result = record_batch(conn, messages)
+    except ServiceUnavailable:
+        # Re-raised: the event source redelivers the whole batch, and redelivery changes nothing.
+        log.error("worker batch failed", messages=len(messages), reason="database unavailable")
+        raise
+    counts = result.as_dict()
+    log.info("worker batch", duration_ms=round((time.perf_counter() - started) * 1000, 1), **counts)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading: GET /api/usage.
+
+
+def daily_totals(
+    conn: psycopg.Connection[Any], *, user_id: str | uuid.UUID, day_from: date, day_to: date
+) -> dict[str, Any]:
+    """The user's tokens for every UTC day in [day_from, day_to] (zeros included) and the range's totals."""
+    if day_to < day_from:
+        raise ValidationError("`from` must not be after `to`.", field="from")
+    span = (day_to - day_from).days + 1
+    if span > MAX_RANGE_DAYS:
+        raise ValidationError(f"The range may cover at most {MAX_RANGE_DAYS} days.", field="from")
+    cur = conn.cursor(row_factory=tuple_row)
+    rows = cur.execute(
+        "SELECT day, input_tokens, output_tokens FROM daily_usage"
+        " WHERE user_id = %s AND day BETWEEN %s AND %s",
+        (user_id, day_from, day_to),
+    ).fetchall()
+    found = {day: (int(tokens_in), int(tokens_out)) for day, tokens_in, tokens_out in rows}
+    days = []
+    total_in = total_out = 0
+    for offset in range(span):
+        day = day_from + timedelta(days=offset)
+        tokens_in, tokens_out = found.get(day, (0, 0))
+        total_in += tokens_in
+        total_out += tokens_out
+        days.append({"day": day.isoformat(), "inputTokens": tokens_in, "outputTokens": tokens_out})
+    return {"days": days, "totals": {"inputTokens": total_in, "outputTokens": total_out}}

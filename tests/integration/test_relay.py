@@ -1,0 +1,272 @@
+"""The outbox relay against the real PostgreSQL and RabbitMQ: confirms, order, outages, two relays at once.
+
+RabbitMQ runs in its own vhost (`the tests' own vhost`) so a dev server on `/` is not disturbed, except by
+the test that stops the whole broker (it always starts it again).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pika.exceptions
+import psycopg
+import pytest
+
+from helpers import VHOST, rabbitmqctl
+from minichat import events
+from minichat.broker import QUEUES, connection_parameters, dead_letter_queue
+from minichat.config import get_settings, set_settings
+from minichat.db import transaction
+from minichat.errors import ServiceUnavailable
+from minichat.events import AUDIT_QUEUE, USAGE_QUEUE, OutboxRelay, record_audit, record_usage
+from minichat.usage import decode_mq_event
+from minichat_local.consumer import Consumer
+from minichat_local.functions import load_function
+
+
+@pytest.fixture
+def broker_url(broker_vhost: str, db: psycopg.Connection) -> Iterator[str]:
+    """An empty topology in the test vhost, and the process settings pointing at it."""
+    connection = pika.BlockingConnection(pika.URLParameters(broker_vhost))
+    channel = connection.channel()
+    for queue in QUEUES:
+        channel.queue_delete(queue)
+        channel.queue_delete(dead_letter_queue(queue))
+    connection.close()
+    settings = get_settings()
+    set_settings(settings.with_(rabbitmq_url=broker_vhost))
+    events.close_relay()
+    yield broker_vhost
+    events.close_relay()
+    set_settings(settings)
+
+
+def drain(url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Every message in a queue, acknowledged, in queue order."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    messages = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        messages.append((properties, body))
+    connection.close()
+    return messages
+
+
+def write_usage(count: int, *, user_ids: list[str] | None = None) -> list[str]:
+    """`count` finished generations' usage events, each committed in its own transaction."""
+    ids = []
+    for i in range(count):
+        with transaction() as conn:
+            user = user_ids[i % len(user_ids)] if user_ids else str(uuid.uuid4())
+            ids.append(
+                record_usage(
+                    conn,
+                    user_id=user,
+                    generation_id=str(uuid.uuid4()),
+                    model="mock-echo",
+                    input_tokens=i,
+                    output_tokens=1,
+                    estimated=False,
+                )
+            )
+    return ids
+
+
+def pending(db: psycopg.Connection) -> int:
+    row = db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_amqps_urls_verify_the_server_like_amazon_mq_needs() -> None:
+    """No TLS listener here: the parameters are what Amazon MQ (TLS only, port 5671) requires."""
+    params = connection_parameters("amqps://app:s3cret@b-1234.mq.us-east-1.amazonaws.com/%2F", name="relay")
+    assert params.port == 5671
+    assert params.ssl_options is not None
+    assert params.ssl_options.server_hostname == "b-1234.mq.us-east-1.amazonaws.com"
+    assert params.ssl_options.context.verify_mode == ssl.CERT_REQUIRED
+    assert params.ssl_options.context.check_hostname
+    assert (params.heartbeat, params.blocked_connection_timeout, params.virtual_host) == (30, 30.0, "/")
+    assert params.client_properties == {"connection_name": "relay"}
+    plain = connection_parameters("amqp://guest:guest@127.0.0.1/minichat?heartbeat=5&socket_timeout=1")
+    assert plain.ssl_options is None and plain.port == 5672
+    assert (plain.heartbeat, plain.socket_timeout, plain.virtual_host) == (5, 1.0, "minichat")  # URL wins
+
+
+def test_pending_rows_are_published_persistent_confirmed_and_in_order(
+    broker_url: str, db: psycopg.Connection
+) -> None:
+    usage_ids = write_usage(3)
+    with transaction() as conn:
+        audit_ids = [
+            record_audit(conn, user_id=None, action="user.login_failed", metadata={"ip": "198.51.100.1"}),
+            record_audit(conn, user_id=str(uuid.uuid4()), action="chat.created"),
+        ]
+
+    assert events.publish_pending() == 5
+    assert events.publish_pending() == 0
+    assert pending(db) == 0
+
+    usage = drain(broker_url, USAGE_QUEUE)
+    audit = drain(broker_url, AUDIT_QUEUE)
+    assert [p.message_id for p, _ in usage] == usage_ids
+    assert [p.message_id for p, _ in audit] == audit_ids
+    payloads: dict[str, Any] = dict(db.execute("SELECT event_id::text, payload FROM outbox").fetchall())
+    for properties, body in usage + audit:
+        assert properties.delivery_mode == 2
+        assert properties.content_type == "application/json"
+        assert json.loads(body) == payloads[properties.message_id]
+
+
+def test_relay_handler_sweeps_what_the_fast_path_left(broker_url: str, db: psycopg.Connection) -> None:
+    write_usage(7)
+
+    class Context:
+        def get_remaining_time_in_millis(self) -> int:
+            return 60_000
+
+    assert events.relay_handler({"source": "aws.scheduler"}, Context()) == {"published": 7}
+    assert len(drain(broker_url, USAGE_QUEUE)) == 7
+
+
+def test_relay_reopens_a_connection_the_broker_closed(broker_url: str, db: psycopg.Connection) -> None:
+    write_usage(1)
+    assert events.publish_pending() == 1
+    rabbitmqctl("close_all_connections", "-p", VHOST, "test: connection reset")
+    time.sleep(0.2)
+
+    write_usage(1)
+    # The first call after the close notices it and reconnects: nothing is deferred.
+    assert events.publish_pending() == 1
+    assert len(drain(broker_url, USAGE_QUEUE)) == 2
+
+
+def test_two_relays_at_once_never_publish_an_event_twice(broker_url: str, db: psycopg.Connection) -> None:
+    with transaction() as conn:
+        ids = [
+            record_usage(
+                conn,
+                user_id=str(uuid.uuid4()),
+                generation_id=str(uuid.uuid4()),
+                model="m",
+                input_tokens=1,
+                output_tokens=1,
+                estimated=False,
+            )
+            for _ in range(1500)
+        ]
+    relays = [OutboxRelay(url=broker_url), OutboxRelay(url=broker_url)]
+    published = [0, 0]
+    barrier = threading.Barrier(2)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        published[index] = relays[index].sweep(limit=20)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for relay in relays:
+        relay.close()
+
+    delivered = Counter(p.message_id for p, _ in drain(broker_url, USAGE_QUEUE))
+    assert sum(published) == 1500
+    assert min(published) > 0, published  # both really worked, side by side
+    assert set(delivered) == set(ids)
+    assert max(delivered.values()) == 1
+    assert pending(db) == 0
+
+
+def test_broker_stopped_while_generations_finish_then_started(
+    broker_url: str, db: psycopg.Connection
+) -> None:
+    """Issue 4: the broker down while 200 generations finish; after restart every event arrives once."""
+    users = [str(uuid.uuid4()) for _ in range(5)]
+    for user in users:
+        db.execute(
+            "INSERT INTO users (id, email, password_hash) VALUES (%s, %s, 'x')", (user, f"{user}@t.io")
+        )
+    worker = load_function("worker", "handler").handler
+    seen: Counter[str] = Counter()
+
+    def recording_handler(event: dict[str, Any], context: Any) -> Any:
+        result = worker(event, context)
+        seen.update(m.message_id or "" for m in decode_mq_event(event) if not m.redelivered)
+        return result
+
+    consumer = Consumer(recording_handler, url=broker_url, reconnect_delay=0.2, max_reconnect_delay=1.0)
+    stop = threading.Event()
+    relay_timer = threading.Thread(
+        target=events.run_relay, args=(stop,), kwargs={"interval": 0.2}, daemon=True
+    )
+    consumer.start()
+    relay_timer.start()
+    try:
+        assert consumer.wait_connected(10)
+        before = write_usage(20, user_ids=users)
+        events.publish_pending()
+        wait_until(lambda: count(db, "usage_events") == 20, timeout=20)
+
+        try:
+            rabbitmqctl("stop_app")
+            during = []
+            for i in range(200):
+                during += write_usage(1, user_ids=[users[i % 5]])
+                assert events.publish_pending() == 0  # the fast path defers, it never fails the request
+            assert pending(db) == 200
+            with pytest.raises(ServiceUnavailable):
+                events.sweep()
+        finally:
+            rabbitmqctl("start_app")
+        restarted = time.monotonic()
+
+        wait_until(lambda: count(db, "usage_events") == 220, timeout=60)
+        arrival = time.monotonic() - restarted
+    finally:
+        stop.set()
+        consumer.stop()
+        relay_timer.join(10)
+
+    print(f"broker outage: 200 events arrived {arrival:.1f} s after the restart")
+    assert arrival < 60
+    assert pending(db) == 0
+    stored = {row[0] for row in db.execute("SELECT id::text FROM usage_events")}
+    assert stored == set(before) | set(during)
+    assert max(seen.values()) == 1 and set(seen) == stored  # nothing sent twice, nothing lost
+    assert daily_equals_events(db)
+
+
+def count(db: psycopg.Connection, table: str) -> int:
+    row = db.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else -1
+
+
+def daily_equals_events(db: psycopg.Connection) -> bool:
+    daily = db.execute(
+        "SELECT user_id, day, input_tokens, output_tokens FROM daily_usage ORDER BY 1, 2"
+    ).fetchall()
+    summed = db.execute(
+        "SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date, sum(input_tokens), sum(output_tokens)"
+        " FROM usage_events GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+    return bool(daily == summed)
+
+
+def wait_until(condition: Any, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s")
+        time.sleep(0.05)
