@@ -17,12 +17,16 @@ TEST_REDIS_DB = os.environ.get("MINICHAT_TEST_REDIS_DB", "15")
 PG_ADMIN_URL = os.environ.get("MINICHAT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATABASE_URL = psycopg.conninfo.make_conninfo(PG_ADMIN_URL, dbname=TEST_DB)
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+# RabbitMQ: a vhost of the tests' own, so a dev server's queues on "/" are never touched.
+TEST_VHOST = os.environ.get("MINICHAT_TEST_VHOST", "minichat_test")
+BROKER_URL = f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}"
 
 os.environ.update(
     {
         "MINICHAT_ENV": "test",
         "DATABASE_URL": DATABASE_URL,
         "REDIS_URL": REDIS_URL,
+        "RABBITMQ_URL": BROKER_URL,
         "MINICHAT_JWT_SECRET": "test-secret-" + "x" * 40,
         "MINICHAT_LOG_LEVEL": os.environ.get("MINICHAT_LOG_LEVEL", "WARNING"),
         # Short enough for the stall tests, long enough for mock-slow's 200 ms between words.
@@ -47,6 +51,27 @@ def database_url() -> str:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEST_DB)))
     apply_migrations(DATABASE_URL)
     return DATABASE_URL
+
+
+@pytest.fixture(scope="session")
+def broker_vhost() -> str:
+    """The test vhost, created when missing (rabbitmqctl is slow: only then)."""
+    import subprocess
+
+    import pika
+    import pika.exceptions
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(BROKER_URL)).close()
+    except pika.exceptions.AMQPError:
+        subprocess.run(["rabbitmqctl", "add_vhost", TEST_VHOST], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            ["rabbitmqctl", "set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    return BROKER_URL
 
 
 @pytest.fixture

@@ -5,21 +5,24 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from minichat import auth, chats, generations, health
+from minichat import auth, chats, db, generations, health, usage
 from minichat.config import get_settings
 from minichat.errors import InternalError, MethodNotAllowed, MiniChatError, PayloadTooLarge, ValidationError
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.log import request_id as current_request_id
 from minichat.providers import ProviderRegistry
+from minichat.serialize import utcnow
 from minichat.validate import (
     MAX_BODY_BYTES,
     email_field,
     number_field,
+    parse_day,
     parse_json_object,
     parse_limit,
     parse_uuid,
@@ -285,6 +288,20 @@ def cancel_generation(generation_id: str) -> dict[str, Any]:
 def list_models() -> dict[str, Any]:
     _user_id()
     return {"items": _models().list_models()}
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+@route("/api/usage", methods=["GET"])
+def get_usage() -> dict[str, Any]:
+    user_id = _user_id()
+    query = _query()
+    require_fields(query, allowed={"from", "to"})
+    day_to = parse_day(query, "to") or utcnow().date()
+    day_from = parse_day(query, "from") or day_to - timedelta(days=29)
+    with db.transaction() as conn:
+        return usage.daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
 
 
 # --- operations -------------------------------------------------------------------------------

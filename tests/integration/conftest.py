@@ -36,7 +36,7 @@ def openai_stub() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, openai_stub: Any) -> Iterator[str]:
+def server(database_url: str, openai_stub: Any, broker_vhost: str) -> Iterator[str]:
     """The local-mode app on http://127.0.0.1:<port> for the whole session."""
     import uvicorn
 

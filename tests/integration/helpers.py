@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+BROKER_URL = os.environ["RABBITMQ_URL"]  # the tests' own vhost (tests/conftest.py)
+VHOST = BROKER_URL.rsplit("/", 1)[1]
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Account, Api, EventStream, assert_error, text_of
 
+from helpers import Account, Api, EventStream, assert_error, text_of
 from minichat import limits
 
 QUESTION = "Tell me about the quick brown fox"
@@ -59,7 +59,8 @@ def test_happy_path_matches_the_stream_protocol_byte_for_byte(api: Api, db: Any)
     assert usage["outputTokens"] == 7 and usage["inputTokens"] > 0 and usage["estimated"] is False
     assert events[-1][1] == {"type": "done", "status": "succeeded"}
     expected = b"".join(
-        f"id: {i}\ndata: {json.dumps(e, separators=(',', ':'), ensure_ascii=False)}\n\n".encode() for i, e in events
+        f"id: {i}\ndata: {json.dumps(e, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+        for i, e in events
     )
     assert stream.raw == expected  # exact framing: one id line, one data line, a blank line
     generation = _generation(api, user, started["generationId"])
@@ -79,7 +80,13 @@ def test_generation_shape_and_request_id(api: Api) -> None:
         f"/api/chats/{chat['id']}/generations",
         user=user,
         headers={"X-Request-Id": "req-gen-1"},
-        json={"content": "hi", "model": "mock-echo", "systemPrompt": "Be brief.", "temperature": 0.5, "maxTokens": 64},
+        json={
+            "content": "hi",
+            "model": "mock-echo",
+            "systemPrompt": "Be brief.",
+            "temperature": 0.5,
+            "maxTokens": 64,
+        },
     )
     assert r.status_code == 201, r.text
     g = r.json()["generation"]
@@ -228,7 +235,7 @@ def test_a_stream_opened_after_the_end_replays_the_whole_sequence(api: Api, redi
     resumed = _open(api, started, {"Last-Event-ID": str(len(events) - 2)})
     assert resumed.until_done() == events[-2:]
     resumed.close()
-    # Once the buffer has expired: rebuilt from the database, one delta, numbered from 1, Last-Event-ID ignored.
+    # Once the buffer has expired: rebuilt from the database: one delta from id 1; Last-Event-ID ignored.
     redis_client.delete(f"generation:{started['generationId']}:events")
     rebuilt = _open(api, started, {"Last-Event-ID": "2"})
     got = rebuilt.until_done()
@@ -268,7 +275,9 @@ def test_twelve_parallel_creates_exactly_one_wins(api: Api, db: Any) -> None:
         with httpx.Client(base_url=api.base_url, timeout=30) as client:
             barrier.wait()
             replies.append(
-                client.post(f"/api/chats/{chat['id']}/generations", headers=user.headers, json={"model": "mock-echo"})
+                client.post(
+                    f"/api/chats/{chat['id']}/generations", headers=user.headers, json={"model": "mock-echo"}
+                )
             )
 
     threads = [threading.Thread(target=create) for _ in range(12)]
@@ -352,12 +361,16 @@ def test_stream_auth(api: Api) -> None:
     path = f"/api/generations/{a['generationId']}/stream"
     assert_error(api.http.get(path), 401, "unauthorized")
     ticket_b = b["streamUrl"].split("ticket=")[1]
-    assert_error(api.http.get(f"{path}?ticket={ticket_b}"), 401, "invalid_token")  # another generation's ticket
+    assert_error(
+        api.http.get(f"{path}?ticket={ticket_b}"), 401, "invalid_token"
+    )  # another generation's ticket
     assert_error(api.http.get(f"{path}?ticket=garbage"), 401, "invalid_token")
     assert_error(api.http.get(path, headers=other.headers), 404, "not_found")
     assert_error(api.http.get("/api/generations/not-a-uuid/stream", headers=owner.headers), 404, "not_found")
     # The ticket is no access token, and an access token is no ticket.
-    assert_error(api.http.get("/api/auth/me", headers={"Authorization": f"Bearer {ticket_b}"}), 401, "invalid_token")
+    assert_error(
+        api.http.get("/api/auth/me", headers={"Authorization": f"Bearer {ticket_b}"}), 401, "invalid_token"
+    )
     assert_error(api.http.get(f"{path}?ticket={owner.access}"), 401, "invalid_token")
     stream = EventStream(api.http, path, owner.headers)  # the Bearer header works too
     assert stream.until_done()[-1][1]["status"] == "succeeded"
@@ -417,7 +430,10 @@ def test_openai_models_stream_through_minichat(api: Api, openai_stub: Any) -> No
     assert usage["outputTokens"] == 12 and usage["estimated"] is False
     assert openai_stub.stats.requests == before + 1
     sent = openai_stub.stats.last_request
-    assert sent["model"] == "stub-tokens-12" and sent["messages"][-1] == {"role": "user", "content": "hello upstream"}
+    assert sent["model"] == "stub-tokens-12" and sent["messages"][-1] == {
+        "role": "user",
+        "content": "hello upstream",
+    }
     assert openai_stub.stats.last_authorization == "Bearer sk-test-not-a-real-key"
 
 
