@@ -52,21 +52,24 @@ class ProviderRegistry:
         self.default_model = default_model
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ProviderRegistry:
+    def from_settings(cls, settings: Settings, *, preload: bool = False) -> ProviderRegistry:
         """The mock models always; the OpenAI models when an API key or a base URL is configured."""
         providers: list[Provider] = []
         default = settings.default_model
         if (settings.openai_api_key or settings.openai_base_url) and settings.openai_models:
-            # The module is light; the `openai` package itself is imported on the first stream.
+            # The module is light; the `openai` package (about half a second to import) loads on the first
+            # stream, or now with `preload`: right for the function that streams, at cold start, wrong for
+            # one that only lists or checks models.
             from minichat.providers.openai import OpenAIProvider
 
-            providers.append(
-                OpenAIProvider(
-                    models=settings.openai_models,
-                    api_key=settings.openai_api_key,
-                    base_url=settings.openai_base_url,
-                )
+            openai_provider = OpenAIProvider(
+                models=settings.openai_models,
+                api_key=settings.openai_api_key,
+                base_url=settings.openai_base_url,
             )
+            if preload:
+                openai_provider.preload()
+            providers.append(openai_provider)
             default = default or settings.openai_models[0]
         providers.append(MockProvider())
         return cls(providers, default_model=default or "mock-echo")

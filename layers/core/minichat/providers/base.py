@@ -94,7 +94,7 @@ def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
 def build_prompt(
     system_prompt: str | None, history: Sequence[ChatMessage], *, context_tokens: int
 ) -> list[ChatMessage]:
-    """System prompt plus the newest history that fits `context_tokens`; the last user message always stays."""
+    """System prompt plus the newest history fitting `context_tokens`; the last user message always stays."""
     system = [ChatMessage("system", system_prompt)] if system_prompt else []
     budget = context_tokens - estimate_prompt_tokens(system)
     anchor = next((i for i in range(len(history) - 1, -1, -1) if history[i].role == "user"), None)

@@ -1,0 +1,396 @@
+"""An OpenAI-compatible streaming chat server with scripted behaviour, for tests and benchmarks.
+
+The behaviour comes from the server's default, overridden per request by a model name such as
+`stub-tokens-100-rate-50` (100 tokens at 50 tokens/s), `stub-error-500`, `stub-stall-after-1`,
+`stub-ttft-ms-2000`, `stub-drop-after-3` (cut the connection), `stub-fail-after-3` (an in-stream error
+object), `stub-linger-ms-3000`, `stub-usage-inline-1-crlf-1`; the keys are the fields of Behavior. Any
+other model name gets the default behaviour. One server thus serves every scenario.
+
+    with serve_stub(OpenAIStub()) as base_url:   # "http://127.0.0.1:<port>/v1"
+        ...
+
+    python -m minichat_local.openai_stub --port 8100 --tokens 200 --rate 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import uvicorn
+
+__all__ = [
+    "ERROR_BODY_MARKER",
+    "Behavior",
+    "OpenAIStub",
+    "StubStats",
+    "main",
+    "prompt_tokens",
+    "serve_stub",
+    "stub_text",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Marker placed in every error body so tests can prove a body never reaches a client-facing message.
+ERROR_BODY_MARKER = "stub-upstream-error-body"
+
+_KEY_VALUE = re.compile(r"-([a-z]+(?:-[a-z]+)*)-(\d+(?:\.\d+)?)")
+_MODEL_KEYS = {
+    "tokens": "tokens",
+    "rate": "rate",
+    "ttft-ms": "ttft_ms",
+    "error": "error",
+    "stall-after": "stall_after",
+    "drop-after": "drop_after",
+    "fail-after": "fail_after",
+    "linger-ms": "linger_ms",
+    "usage-inline": "usage_inline",
+    "crlf": "crlf",
+}
+_FLOAT_KEYS = ("rate", "ttft_ms", "linger_ms")
+# Unpaced streams hand the loop over now and then, or one long stream would starve all the others
+# (uvicorn's send only awaits when the socket buffer is full).
+_YIELD_EVERY = 16
+_ROLE_CHOICE = (
+    '{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
+    '"logprobs":null,"finish_reason":null}'
+)
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """What the stub does with one request."""
+
+    tokens: int = 20
+    rate: float = 0.0  # tokens per second; 0 sends as fast as the socket takes them
+    ttft_ms: float = 0.0  # wait before the first content token
+    error: int | None = None  # answer this HTTP status with an error body instead of a stream
+    stall_after: int | None = None  # after this many tokens send nothing until the client leaves
+    drop_after: int | None = None  # after this many tokens cut the connection (no usage, no [DONE])
+    fail_after: int | None = None  # after this many tokens send an in-stream {"error": ...} object
+    linger_ms: float = 0.0  # keep the body open this long after [DONE]
+    usage_inline: int = 0  # 1: usage on the last choice chunk (as some compatible servers do)
+    crlf: int = 0  # 1: CRLF line ends
+
+    def for_model(self, model: str) -> Behavior:
+        """This behaviour overridden by a `stub-key-value-...` model name; ValueError if it is malformed."""
+        if not model.startswith("stub"):
+            return self
+        rest = model[4:]
+        changes: dict[str, Any] = {}
+        end = 0
+        for match in _KEY_VALUE.finditer(rest):
+            if match.start() != end or match.group(1) not in _MODEL_KEYS:
+                break
+            name = _MODEL_KEYS[match.group(1)]
+            value = float(match.group(2))
+            changes[name] = value if name in _FLOAT_KEYS else int(value)
+            end = match.end()
+        if end != len(rest):
+            raise ValueError(f"unknown stub model {model!r}; keys: {', '.join(_MODEL_KEYS)}")
+        return replace(self, **changes)
+
+
+@dataclass
+class StubStats:
+    """Counters for assertions and benchmarks; written only by the server's loop."""
+
+    requests: int = 0
+    completed: int = 0  # streams that reached [DONE]
+    disconnected: int = 0  # streams whose client left before the end
+    active: int = 0
+    max_active: int = 0
+    last_request: dict[str, Any] = field(default_factory=dict)
+    last_authorization: str | None = None
+    clients: set[tuple[str, int]] = field(default_factory=set)  # distinct client sockets: pool reuse
+
+    @property
+    def connections(self) -> int:
+        """How many distinct TCP connections the requests came over."""
+        return len(self.clients)
+
+
+def stub_text(tokens: int) -> str:
+    """The exact text a stream of `tokens` tokens carries: "w0 w1 w2 ..."."""
+    return "".join(_token(i) for i in range(tokens))
+
+
+def _token(index: int) -> str:
+    return f" w{index}" if index else "w0"
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """The prompt_tokens the stub reports for `messages` (four characters a token, four per message)."""
+    return sum(-(-len(str(m.get("content") or "")) // 4) + 4 for m in messages)
+
+
+class OpenAIStub:
+    """The ASGI app: `POST /v1/chat/completions` (streamed or not) and `GET /v1/models`."""
+
+    def __init__(self, behavior: Behavior | None = None) -> None:
+        self.behavior = behavior or Behavior()
+        self.stats = StubStats()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/models" and method == "GET":
+            await _json(send, 200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+            return
+        if path != "/v1/chat/completions" or method != "POST":
+            await _error(send, 404, "not found")
+            return
+
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            request = json.loads(body)
+            model = str(request["model"])
+            behavior = self.behavior.for_model(model)
+        except (ValueError, KeyError, TypeError) as exc:
+            await _error(send, 400, f"bad request: {exc}")
+            return
+
+        stats = self.stats
+        stats.requests += 1
+        stats.last_request = request
+        if scope.get("client"):
+            stats.clients.add(tuple(scope["client"]))
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization")
+        stats.last_authorization = authorization.decode() if authorization else None
+
+        if behavior.error is not None:
+            await _error(send, behavior.error, f"{ERROR_BODY_MARKER}: scripted HTTP {behavior.error}")
+            return
+        limit = request.get("max_completion_tokens") or request.get("max_tokens")
+        if not request.get("stream"):
+            await _json(send, 200, _completion(model, request=request, behavior=behavior, limit=limit))
+            return
+
+        stats.active += 1
+        stats.max_active = max(stats.max_active, stats.active)
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
+        try:
+            finished = await _stream(send, gone, model=model, request=request, behavior=behavior, limit=limit)
+        finally:
+            watcher.cancel()
+            stats.active -= 1
+        if finished:
+            stats.completed += 1
+        elif gone.is_set():
+            stats.disconnected += 1
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def _stream(
+    send: Send, gone: asyncio.Event, *, model: str, request: dict[str, Any], behavior: Behavior, limit: Any
+) -> bool:
+    """Send the SSE chunks; True when the stream reached [DONE]."""
+    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    count = behavior.tokens if not isinstance(limit, int) else min(behavior.tokens, limit)
+    finish_reason = "length" if count < behavior.tokens else "stop"
+    end = "\r\n\r\n" if behavior.crlf else "\n\n"
+    # Only the content changes from chunk to chunk: the rest of the JSON is built once.
+    head = (
+        f'data: {{"id":"chatcmpl-{uuid.uuid4().hex[:24]}","object":"chat.completion.chunk",'
+        f'"created":{int(time.time())},"model":{json.dumps(model)},"system_fingerprint":"fp_stub",'
+        '"choices":['
+    )
+    tail = '],"usage":null}' + end if include_usage else "]}" + end
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-request-id", uuid.uuid4().hex.encode()),
+            ],
+        }
+    )
+
+    async def frame(text: str, *, more: bool = True) -> None:
+        await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
+
+    await frame(head + _ROLE_CHOICE + tail)
+    if behavior.ttft_ms:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index in range(count):
+        if gone.is_set():
+            return False
+        if index == behavior.stall_after:
+            await gone.wait()
+            return False
+        if index == behavior.drop_after:
+            # Returning without finishing the body makes the server cut the connection mid-stream.
+            return False
+        if index == behavior.fail_after:
+            error = {"error": {"message": f"{ERROR_BODY_MARKER}: scripted failure", "type": "server_error"}}
+            await frame(f"data: {json.dumps(error)}{end}", more=False)
+            return False
+        if behavior.rate:
+            delay = start + index / behavior.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        content = json.dumps(_token(index), ensure_ascii=False)
+        await frame(
+            f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
+        )
+    if behavior.stall_after is not None and behavior.stall_after >= count:
+        await gone.wait()
+        return False
+    if gone.is_set():
+        return False
+    finish = f'{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{finish_reason}"}}'
+    if include_usage and behavior.usage_inline:
+        await frame(f'{head}{finish}],"usage":{_usage(request, count)}}}{end}')
+    else:
+        await frame(head + finish + tail)
+        if include_usage:
+            await frame(f'{head}],"usage":{_usage(request, count)}}}{end}')
+    await frame(f"data: [DONE]{end}", more=behavior.linger_ms > 0)
+    if behavior.linger_ms:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), behavior.linger_ms / 1000)
+        await frame("", more=False)
+    return True
+
+
+def _usage(request: dict[str, Any], completion: int) -> str:
+    prompt = prompt_tokens(request.get("messages") or [])
+    return json.dumps(
+        {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        },
+        separators=(",", ":"),
+    )
+
+
+def _completion(model: str, *, request: dict[str, Any], behavior: Behavior, limit: Any) -> dict[str, Any]:
+    count = behavior.tokens if not isinstance(limit, int) else min(behavior.tokens, limit)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": stub_text(count), "refusal": None},
+                "logprobs": None,
+                "finish_reason": "length" if count < behavior.tokens else "stop",
+            }
+        ],
+        "usage": json.loads(_usage(request, count)),
+    }
+
+
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    await _json(
+        send, status, {"error": {"message": message, "type": "stub_error", "param": None, "code": None}}
+    )
+
+
+@contextmanager
+def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread (port 0 = a free one); yields the base URL, ".../v1"."""
+    app = app or OpenAIStub()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="openai-stub", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the OpenAI stub did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}/v1"
+    finally:
+        # force_exit: stalled streams never finish on their own; the loop's teardown cancels them.
+        server.should_exit = True
+        server.force_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minichat_local.openai_stub`: serve the stub until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="minichat_local.openai_stub", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    defaults = Behavior()
+    for spec in fields(Behavior):
+        kind = float if spec.name in _FLOAT_KEYS else int
+        flag = "--" + spec.name.replace("_", "-")
+        parser.add_argument(
+            flag, type=kind, default=getattr(defaults, spec.name), help=f"default {spec.name}"
+        )
+    args = parser.parse_args(argv)
+    behavior = Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
+    config = uvicorn.Config(
+        OpenAIStub(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
+    )
+    print(f"OpenAI stub on http://{args.host}:{args.port}/v1 ({behavior})", flush=True)
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

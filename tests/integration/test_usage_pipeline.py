@@ -1,0 +1,161 @@
+"""Usage end to end in local mode: generation → outbox → RabbitMQ → worker → daily_usage → GET /api/usage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from conftest import free_port
+from helpers import Account, Api, EventStream, assert_error, rabbitmqctl
+
+
+@pytest.fixture
+def local_mode(
+    database_url: str, broker_vhost: str, db: Any, redis_client: Any, tmp_path: Path
+) -> Iterator[Api]:
+    """`python -m minichat_local` as a user runs it (relay and consumer included), on the test services."""
+    port = free_port()
+    log = tmp_path / "local-mode.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minichat_local", "--port", str(port)],
+        env=dict(os.environ, MINICHAT_LOG_LEVEL="WARNING"),
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
+    api = Api(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if api.http.get("/api/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "local mode did not start"
+        time.sleep(0.1)
+    try:
+        yield api
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        api.http.close()
+        print(log.read_text()[-5000:])  # shown by pytest when the test failed
+
+
+def _generate(api: Api, user: Account, chat_id: str, content: str) -> None:
+    r = api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json={"content": content})
+    assert r.status_code == 201, r.text
+    stream = EventStream(api.http, r.json()["streamUrl"])
+    assert stream.until_done()[-1][1]["status"] == "succeeded"
+    stream.close()
+
+
+def _invariant(db: psycopg.Connection) -> None:
+    """daily_usage equals the sum of usage_events per user and UTC day; one usage event per generation."""
+    mismatch = db.execute(
+        """
+        SELECT count(*) FROM (
+            SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date AS day,
+                   sum(input_tokens) AS i, sum(output_tokens) AS o
+            FROM usage_events GROUP BY 1, 2
+        ) e FULL JOIN daily_usage d USING (user_id, day)
+        WHERE d.input_tokens IS DISTINCT FROM e.i OR d.output_tokens IS DISTINCT FROM e.o
+        """
+    ).fetchone()[0]
+    assert mismatch == 0
+    dupes = db.execute("SELECT count(*) - count(DISTINCT generation_id) FROM usage_events").fetchone()[0]
+    assert dupes == 0
+
+
+def _wait_for(predicate: Any, timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "timed out"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_usage_reaches_the_api_through_the_worker(local_mode: Api, db: Any) -> None:
+    api = local_mode
+    user = api.register()
+    chat = api.create_chat(user)
+    _generate(api, user, chat["id"], "count these five words please")
+    _wait_for(lambda: db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 1, 10)
+    _wait_for(lambda: db.execute("SELECT count(*) FROM audit_logs").fetchone()[0] >= 4, 10)
+    r = api.request("GET", "/api/usage", user=user)
+    assert r.status_code == 200
+    body = r.json()
+    today = datetime.now(UTC).date()
+    assert len(body["days"]) == 30 and body["days"][-1]["day"] == today.isoformat()
+    assert body["days"][0]["day"] == (today - timedelta(days=29)).isoformat()
+    assert body["totals"]["outputTokens"] == 5 and body["totals"]["inputTokens"] > 0
+    assert body["days"][-1]["outputTokens"] == 5
+    actions = {r[0] for r in db.execute("SELECT action FROM audit_logs WHERE user_id = %s", (user.user_id,))}
+    assert {"user.registered", "chat.created", "generation.created", "generation.finished"} <= actions
+    # Deleting the chat never changes usage totals.
+    api.request("DELETE", f"/api/chats/{chat['id']}", user=user)
+    assert api.request("GET", "/api/usage", user=user).json()["totals"] == body["totals"]
+    _invariant(db)
+
+
+def test_usage_query_validation(local_mode: Api) -> None:
+    api = local_mode
+    user = api.register()
+    r = api.request("GET", "/api/usage", user=user, params={"from": "2026-01-01", "to": "2026-01-03"})
+    assert r.status_code == 200 and [d["day"] for d in r.json()["days"]] == ["2026-01-01", "2026-01-02", "2026-01-03"]
+    for params, field in [
+        ({"from": "yesterday"}, "from"),
+        ({"to": "2026-13-01"}, "to"),
+        ({"from": "2026-02-01", "to": "2026-01-01"}, "from"),
+        ({"from": "2020-01-01", "to": "2026-01-01"}, "from"),
+        ({"userId": user.user_id}, "userId"),
+    ]:
+        assert assert_error(api.request("GET", "/api/usage", user=user, params=params), 400, "validation_error")[
+            "field"
+        ] == field
+    assert_error(api.http.get("/api/usage"), 401, "unauthorized")
+
+
+def test_broker_outage_delays_usage_but_loses_none(local_mode: Api, db: Any) -> None:
+    """200 generations finish while RabbitMQ is stopped; after it starts again every usage event arrives."""
+    api = local_mode
+    users = [api.register() for _ in range(10)]
+    chats = [api.create_chat(u)["id"] for u in users]
+    rabbitmqctl("stop_app")
+    try:
+
+        def run(user: Account, chat_id: str) -> None:
+            with httpx.Client(base_url=api.base_url, timeout=30) as http:
+                client = Api.__new__(Api)
+                client.base_url, client.http = api.base_url, http
+                for i in range(20):
+                    _generate(client, user, chat_id, f"word {i} and more")
+
+        threads = [threading.Thread(target=run, args=(u, c)) for u, c in zip(users, chats, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert db.execute("SELECT count(*) FROM generations WHERE status = 'succeeded'").fetchone()[0] == 200
+        assert db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 0
+        pending = db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL AND queue = 'usage_event'")
+        assert pending.fetchone()[0] == 200
+    finally:
+        rabbitmqctl("start_app")
+    waited = _wait_for(lambda: db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 200, 60)
+    print(f"all 200 usage events recorded {waited:.1f} s after the broker restart")
+    _invariant(db)
+    total = db.execute("SELECT sum(output_tokens) FROM daily_usage").fetchone()[0]
+    assert total == 200 * 4
+    time.sleep(1.5)  # nothing arrives twice later either
+    assert db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 200
+    _invariant(db)
