@@ -1,6 +1,6 @@
-"""Local mode's background services: the outbox relay and the worker's RabbitMQ consumer.
+"""Local mode's background services: the outbox relay, the reaper and the worker's RabbitMQ consumer.
 
-On AWS these are a schedule (the relay) and the Amazon MQ event source mapping (the worker); here they
+On AWS these are schedules (relay, reaper) and the Amazon MQ event source mapping (the worker); here they
 are threads of the one local process.
 """
 
@@ -8,33 +8,39 @@ from __future__ import annotations
 
 import threading
 
-from minichat import events
+from minichat import events, reaper
 from minichat_local.consumer import Consumer
 
 __all__ = ["Background"]
 
 
 class Background:
-    """Start and stop the relay thread and the consumer together."""
+    """Start and stop the relay and reaper threads and the consumer together."""
 
     def __init__(self, *, relay_interval: float = 1.0) -> None:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._relay_interval = relay_interval
-        self._relay: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.consumer = Consumer()
 
     def start(self) -> None:
         # A commit that wrote outbox rows wakes the relay at once (the fast path); the timer sweeps the rest.
         events.set_commit_listener(self._wake.set)
-        self._relay = threading.Thread(
-            target=events.run_relay,
-            args=(self._stop,),
-            kwargs={"interval": self._relay_interval, "wake": self._wake},
-            name="minichat-relay",
-            daemon=True,
-        )
-        self._relay.start()
+        self._threads = [
+            threading.Thread(
+                target=events.run_relay,
+                args=(self._stop,),
+                kwargs={"interval": self._relay_interval, "wake": self._wake},
+                name="minichat-relay",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=reaper.run_reaper, args=(self._stop,), name="minichat-reaper", daemon=True
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
         self.consumer.start()
 
     def stop(self) -> None:
@@ -42,6 +48,6 @@ class Background:
         self._wake.set()
         events.set_commit_listener(None)
         self.consumer.stop()
-        if self._relay is not None:
-            self._relay.join(10)
+        for thread in self._threads:
+            thread.join(10)
         events.close_relay()

@@ -31,6 +31,7 @@ __all__ = [
     "claim",
     "create_generation",
     "delete_chat",
+    "events_key",
     "final_state",
     "finish",
     "generation_out",
@@ -39,6 +40,7 @@ __all__ = [
     "history",
     "open_for_stream",
     "persist_terminal",
+    "stale",
     "status_of",
     "stream_url",
 ]
@@ -61,6 +63,11 @@ _HISTORY_LIMIT = 400
 
 def cancel_key(generation_id: str) -> str:
     return f"generation:{generation_id}:cancel"
+
+
+def events_key(generation_id: str) -> str:
+    """The generation's event buffer (a Redis Stream of encoded SSE frames, entry ids `0-<n>`)."""
+    return f"generation:{generation_id}:events"
 
 
 def generation_out(row: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +222,22 @@ def claim(conn: db.Conn, *, generation_id: str, user_id: str) -> dict[str, Any] 
     ).fetchone()
 
 
+def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 100) -> list[dict[str, Any]]:
+    """In-flight generations the reaper should end: queued with no stream opened, or streaming with no
+    heartbeat (their process died)."""
+    return conn.execute(
+        """
+        SELECT id, user_id, status FROM generations
+        WHERE (status = 'queued' AND created_at < now() - make_interval(secs => %s))
+           OR (status = 'streaming'
+               AND COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s))
+        ORDER BY created_at
+        LIMIT %s
+        """,
+        (queued_for, silent_for, limit),
+    ).fetchall()
+
+
 def history(conn: db.Conn, chat_id: str) -> list[tuple[str, str]]:
     """(role, content) of the chat's newest messages, oldest first."""
     rows = conn.execute(
@@ -237,9 +260,12 @@ def finish(
     estimated: bool = False,
     error_code: str | None = None,
     error_message: str | None = None,
+    silent_for: float | None = None,
 ) -> dict[str, Any] | None:
     """The terminal transition, the assistant message and the usage event in the caller's transaction.
 
+    `silent_for` (the reaper): only if nothing has been heard of the generation for that many seconds,
+    checked in the same statement, so a heartbeat that lands first keeps it alive.
     Returns the updated row, or None when another party ended the generation first.
     """
     assert status in TERMINAL
@@ -249,6 +275,8 @@ def finish(
         SET status = %s, finished_at = now(), input_tokens = %s, output_tokens = %s,
             usage_estimated = %s, error_code = %s, error_message = %s
         WHERE id = %s AND status = ANY(%s)
+          AND (%s::float8 IS NULL
+               OR COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s::float8))
         RETURNING {COLUMNS}
         """,
         (
@@ -260,6 +288,8 @@ def finish(
             error_message,
             generation_id,
             list(from_states),
+            silent_for,
+            silent_for,
         ),
     ).fetchone()
     if row is None:

@@ -66,6 +66,8 @@ class ProviderRegistry:
                 models=settings.openai_models,
                 api_key=settings.openai_api_key,
                 base_url=settings.openai_base_url,
+                first_token_timeout=settings.provider_first_token_timeout,
+                idle_timeout=settings.provider_idle_timeout,
             )
             if preload:
                 openai_provider.preload()
