@@ -75,7 +75,8 @@ def test_a_live_heartbeat_is_never_reaped(api: Api, db: Any) -> None:
     started = _queued(api, user)
     db.execute(
         "UPDATE generations SET status = 'streaming', started_at = now() - interval '10 minutes',"
-        " heartbeat_at = now() - interval '3 seconds', created_at = now() - interval '10 minutes' WHERE id = %s",
+        " heartbeat_at = now() - interval '3 seconds', created_at = now() - interval '10 minutes'"
+        " WHERE id = %s",
         (started["generationId"],),
     )
     assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}
