@@ -32,6 +32,11 @@ os.environ.update(
         # Short enough for the stall tests, long enough for mock-slow's 200 ms between words.
         "MINICHAT_PROVIDER_FIRST_TOKEN_TIMEOUT": "3",
         "MINICHAT_PROVIDER_IDLE_TIMEOUT": "2",
+        # Tests make many requests quickly; the rate-limit tests lower these for themselves.
+        "MINICHAT_RATE_LOGIN_EMAIL": "100000/60",
+        "MINICHAT_RATE_LOGIN_IP": "100000/60",
+        "MINICHAT_RATE_GENERATIONS": "100000/60",
+        "MINICHAT_RATE_API": "100000/60",
     }
 )
 

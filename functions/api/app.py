@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import redis
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from minichat import auth, chats, db, generations, health, usage
+from minichat import auth, chats, db, generations, health, idempotency, kv, limits, usage
 from minichat.config import get_settings
-from minichat.errors import InternalError, MethodNotAllowed, MiniChatError, PayloadTooLarge, ValidationError
+from minichat.errors import (
+    InternalError,
+    MethodNotAllowed,
+    MiniChatError,
+    PayloadTooLarge,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    ValidationError,
+)
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.log import request_id as current_request_id
 from minichat.providers import ProviderRegistry
@@ -78,30 +89,101 @@ def _edge(request: Request, get_response: Callable[[Request], Response]) -> Resp
         bind_request_id(None)
 
 
+# X-RateLimit-* of the tightest limit this request was counted against (added to its reply, error or not).
+_rate_headers: contextvars.ContextVar[tuple[int, dict[str, str]] | None] = contextvars.ContextVar(
+    "minichat_rate_headers", default=None
+)
+
+
 def route(
-    path: str, *, methods: list[str], status: int = 200
+    path: str, *, methods: list[str], status: int = 200, idempotent: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a view whose MiniChatErrors become the envelope (the one place errors are mapped)."""
+    """Register a view whose MiniChatErrors become the envelope (the one place errors are mapped).
+
+    `idempotent`: the route honours an Idempotency-Key header (SPEC: the same key within 24 h returns the
+    first response and creates nothing new).
+    """
 
     def register(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def handle(**params: str) -> Response:
+            _rate_headers.set(None)
             try:
-                result = view(**params)
+                response = _run_idempotent(view, params, status) if idempotent else _run(view, params, status)
             except MiniChatError as error:
-                return _error_response(error, current_request_id())
+                response = _error_response(error, current_request_id())
             except Exception:
                 log.exception("unhandled error", path=path)
-                return _error_response(InternalError(), current_request_id())
-            if isinstance(result, Response):
-                return result
-            return Response(body=result, status_code=status, headers=_JSON)
+                response = _error_response(InternalError(), current_request_id())
+            counted = _rate_headers.get()
+            if counted is not None:
+                response.headers.update(counted[1])
+            return response
 
         # The body is always parsed as JSON whatever Content-Type says: curl users need no -H.
         app.route(path, methods=methods, content_types=["*/*"])(handle)
         return view
 
     return register
+
+
+def _run(view: Callable[..., Any], params: dict[str, str], status: int) -> Response:
+    result = view(**params)
+    if isinstance(result, Response):
+        return result
+    return Response(body=result, status_code=status, headers=_JSON)
+
+
+def _run_idempotent(view: Callable[..., Any], params: dict[str, str], status: int) -> Response:
+    raw_key = _request().headers.get("idempotency-key")
+    if raw_key is None:
+        return _run(view, params, status)
+    key = idempotency.validate_key(raw_key)
+    user_id = _user_id()
+    request = _request()
+    fingerprint = idempotency.fingerprint(
+        method=request.method, path=request.context.get("path", request.path), body=request.raw_body or b""
+    )
+    replay = idempotency.claim(user_id=user_id, key=key, request_hash=fingerprint)
+    if replay is not None:
+        return Response(
+            body=replay.body, status_code=replay.status, headers={**_JSON, "Idempotent-Replayed": "true"}
+        )
+    try:
+        response = _run(view, params, status)
+    except BaseException:
+        idempotency.release(user_id=user_id, key=key)  # nothing was created: the key may be used again
+        raise
+    idempotency.store(user_id=user_id, key=key, status=response.status_code, body=response.body)
+    return response
+
+
+_parsed_rates: dict[str, limits.Rate | None] = {}
+
+
+def _limit(bucket: str, key: str, rate_text: str, *, fail_closed: bool = False) -> None:
+    """Count this request against `bucket` for `key`; RateLimited (429) when over.
+
+    When Redis is down the limit cannot be checked: reads and auth go on (fail open), while
+    `fail_closed` callers (generation creates) answer 503.
+    """
+    if rate_text not in _parsed_rates:
+        _parsed_rates[rate_text] = limits.Rate.parse(rate_text, name=bucket)
+    rate = _parsed_rates[rate_text]
+    if rate is None:
+        return
+    try:
+        decision = limits.hit(kv.get_redis(), bucket=bucket, key=key, rate=rate)
+    except redis.RedisError as exc:
+        if fail_closed:
+            raise ServiceUnavailable("Rate limits cannot be checked right now; retry shortly.") from exc
+        log.warning("rate limit skipped: redis unavailable", bucket=bucket)
+        return
+    counted = _rate_headers.get()
+    if counted is None or decision.remaining <= counted[0]:
+        _rate_headers.set((decision.remaining, decision.headers()))
+    if not decision.allowed:
+        raise RateLimited(decision.retry_after_s)
 
 
 def _request() -> Request:
@@ -115,7 +197,15 @@ def _body(*, allow_empty: bool = False) -> dict[str, Any]:
 
 
 def _user_id() -> str:
-    return auth.authenticate(_request().headers.get("authorization")).user_id
+    user_id = auth.authenticate(_request().headers.get("authorization")).user_id
+    if _rate_headers.get() is None:  # once per request, however many helpers ask
+        _limit("api", user_id, get_settings().rate_api)
+    return user_id
+
+
+def _client_ip() -> str:
+    identity = _request().context.get("identity") or {}
+    return str(identity.get("sourceIp") or "unknown")
 
 
 def _credentials() -> tuple[str, str]:
@@ -144,12 +234,17 @@ def _no_content() -> Response:
 @route("/api/auth/register", methods=["POST"], status=201)
 def register() -> dict[str, Any]:
     email, password = _credentials()
+    _limit("auth-ip", _client_ip(), get_settings().rate_login_ip)  # before the argon2 work
     return auth.register(email=email, password=password)
 
 
 @route("/api/auth/login", methods=["POST"])
 def login() -> dict[str, Any]:
     email, password = _credentials()
+    # Both limits before the password hash is computed: a flood costs us nothing but a Redis call.
+    settings = get_settings()
+    _limit("auth-ip", _client_ip(), settings.rate_login_ip)
+    _limit("login-email", email.lower(), settings.rate_login_email)
     return auth.login(email=email, password=password)
 
 
@@ -184,7 +279,7 @@ def list_chats() -> dict[str, Any]:
     return chats.list_chats(user_id=user_id, limit=parse_limit(query), cursor=query.get("cursor"))
 
 
-@route("/api/chats", methods=["POST"], status=201)
+@route("/api/chats", methods=["POST"], status=201, idempotent=True)
 def create_chat() -> dict[str, Any]:
     user_id = _user_id()
     body = _body(allow_empty=True)
@@ -226,7 +321,7 @@ def list_messages(chat_id: str) -> dict[str, Any]:
     )
 
 
-@route("/api/chats/{chat_id}/messages", methods=["POST"], status=201)
+@route("/api/chats/{chat_id}/messages", methods=["POST"], status=201, idempotent=True)
 def add_message(chat_id: str) -> dict[str, Any]:
     user_id = _user_id()
     chat_id = parse_uuid(chat_id)
@@ -252,14 +347,20 @@ def _models() -> ProviderRegistry:
 _GENERATION_FIELDS = {"content", "model", "systemPrompt", "temperature", "maxTokens"}
 
 
-@route("/api/chats/{chat_id}/generations", methods=["POST"], status=201)
+@route("/api/chats/{chat_id}/generations", methods=["POST"], status=201, idempotent=True)
 def create_generation(chat_id: str) -> dict[str, Any]:
     user_id = _user_id()
+    settings = get_settings()
+    _limit("generations", user_id, settings.rate_generations, fail_closed=True)
     chat_id = parse_uuid(chat_id)
     body = _body(allow_empty=True)
     require_fields(body, allowed=_GENERATION_FIELDS)
     model = text_field(body, "model", min_len=1, max_len=200) or _models().default_model
     _models().resolve(model)  # unknown_model before anything is written
+    if settings.daily_token_budget:
+        with db.transaction() as conn:
+            if usage.tokens_today(conn, user_id=user_id) >= settings.daily_token_budget:
+                raise QuotaExceeded(f"The daily budget of {settings.daily_token_budget} tokens is used up.")
     return generations.create_generation(
         user_id=user_id,
         chat_id=chat_id,
@@ -300,8 +401,16 @@ def get_usage() -> dict[str, Any]:
     require_fields(query, allowed={"from", "to"})
     day_to = parse_day(query, "to") or utcnow().date()
     day_from = parse_day(query, "from") or day_to - timedelta(days=29)
+    budget = get_settings().daily_token_budget
     with db.transaction() as conn:
-        return usage.daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
+        reply = usage.daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
+        used = usage.tokens_today(conn, user_id=user_id) if budget else 0
+    reply["budget"] = (
+        {"dailyTokens": budget, "usedToday": used, "remainingToday": max(0, budget - used)}
+        if budget
+        else None
+    )
+    return reply
 
 
 # --- operations -------------------------------------------------------------------------------

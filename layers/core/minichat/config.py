@@ -57,6 +57,11 @@ class Settings:
     provider_first_token_timeout: float = 60.0
     provider_idle_timeout: float = 60.0
     stream_buffer_ttl: int = 3600
+    rate_login_email: str = "10/60"
+    rate_login_ip: str = "100/60"
+    rate_generations: str = "30/60"
+    rate_api: str = "600/60"
+    daily_token_budget: int = 0
     db_pool_min: int = 1
     db_pool_max: int = 10
     log_level: str = "INFO"
@@ -88,6 +93,11 @@ class Settings:
             ),
             provider_idle_timeout=_int(env, "MINICHAT_PROVIDER_IDLE_TIMEOUT", 60, low=1, high=900),
             stream_buffer_ttl=_int(env, "MINICHAT_STREAM_BUFFER_TTL", 3600, low=3600, high=7 * 86400),
+            rate_login_email=env.get("MINICHAT_RATE_LOGIN_EMAIL") or defaults.rate_login_email,
+            rate_login_ip=env.get("MINICHAT_RATE_LOGIN_IP") or defaults.rate_login_ip,
+            rate_generations=env.get("MINICHAT_RATE_GENERATIONS") or defaults.rate_generations,
+            rate_api=env.get("MINICHAT_RATE_API") or defaults.rate_api,
+            daily_token_budget=_int(env, "MINICHAT_DAILY_TOKEN_BUDGET", 0, low=0, high=10**12),
             db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", 1, low=0, high=100),
             db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", 10, low=1, high=200),
             log_level=(env.get("MINICHAT_LOG_LEVEL") or "INFO").upper(),

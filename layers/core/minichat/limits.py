@@ -1,15 +1,22 @@
-"""The one-generation-in-flight lock in Redis (Lua keeps each check-and-change atomic)."""
+"""Rate limits and the one-generation-in-flight lock, in Redis (Lua keeps each check-and-change atomic)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio
 
+from minichat.errors import ConfigError
+
 __all__ = [
     "LOCK_TTL_MS",
+    "Decision",
+    "Rate",
     "acquire_inflight",
+    "hit",
     "inflight_holder",
     "inflight_key",
     "release_inflight",
@@ -64,3 +71,78 @@ async def renew_inflight_async(
     client: redis.asyncio.Redis, *, user_id: str, generation_id: str, ttl_ms: int = LOCK_TTL_MS
 ) -> bool:
     return bool(await client.eval(_RENEW, 1, inflight_key(user_id), generation_id, ttl_ms))
+
+
+# --- rate limits (GCRA) -------------------------------------------------------------------------------
+
+# Generic cell rate algorithm: one number per key, the "theoretical arrival time" (TAT). Time comes from
+# the Redis server (TIME), so every API process agrees on it whatever their clocks say; the whole
+# read-decide-write is one script, so concurrent requests cannot both take the last slot.
+_GCRA = """
+local period = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = period / limit
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - period
+if allow_at > now then
+  return {0, 0, math.ceil(allow_at - now), math.ceil(tat - now)}
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now))
+return {1, math.floor((now - allow_at) / interval), 0, math.ceil(new_tat - now)}
+"""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`limit` requests per `period_s` seconds, bursts up to `limit`."""
+
+    limit: int
+    period_s: int
+
+    @classmethod
+    def parse(cls, text: str, *, name: str) -> Rate | None:
+        """`"10/60"` → 10 per 60 s; `"off"` or `"0"` → no limit."""
+        if text.strip().lower() in ("off", "0", ""):
+            return None
+        count, sep, period = text.partition("/")
+        try:
+            rate = cls(int(count), int(period) if sep else 60)
+        except ValueError:
+            raise ConfigError(f"{name} must look like 10/60 (requests/seconds), got {text!r}") from None
+        if rate.limit < 1 or rate.period_s < 1:
+            raise ConfigError(f"{name} must be positive, got {text!r}")
+        return rate
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_s: int
+    reset_s: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset_s),
+        }
+
+
+def hit(client: redis.Redis, *, bucket: str, key: str, rate: Rate) -> Decision:
+    """Count one request against `bucket:key`; the decision says whether it may go ahead."""
+    allowed, remaining, retry_ms, reset_ms = client.eval(
+        _GCRA, 1, f"ratelimit:{bucket}:{key}", rate.period_s * 1000, rate.limit
+    )
+    return Decision(
+        allowed=bool(allowed),
+        limit=rate.limit,
+        remaining=int(remaining),
+        retry_after_s=max(1, math.ceil(int(retry_ms) / 1000)) if not allowed else 0,
+        reset_s=math.ceil(int(reset_ms) / 1000),
+    )

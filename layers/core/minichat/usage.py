@@ -556,3 +556,16 @@ def daily_totals(
         total_out += tokens_out
         days.append({"day": day.isoformat(), "inputTokens": tokens_in, "outputTokens": tokens_out})
     return {"days": days, "totals": {"inputTokens": total_in, "outputTokens": total_out}}
+
+
+def tokens_today(conn: psycopg.Connection[Any], *, user_id: str | uuid.UUID) -> int:
+    """The user's input + output tokens for the current UTC day (as the worker has counted them)."""
+    row = conn.execute(
+        "SELECT input_tokens + output_tokens FROM daily_usage"
+        " WHERE user_id = %s AND day = (now() AT TIME ZONE 'UTC')::date",
+        (user_id,),
+    ).fetchone()
+    if row is None:
+        return 0
+    value = row[0] if isinstance(row, tuple) else next(iter(row.values()))
+    return int(value)

@@ -1,0 +1,106 @@
+"""Idempotency-Key: the same key from the same user within 24 h returns the first response.
+
+The key is claimed in its own transaction before the work (a row with no response yet), the response
+stored after it; a retry that arrives while the first is still running waits for it briefly. A failed
+first attempt (an error reply) releases the key, so the client can retry with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from minichat import db
+from minichat.errors import IdempotencyKeyReused, ValidationError
+
+__all__ = ["KEY_TTL_S", "Replay", "claim", "fingerprint", "purge_expired", "release", "store", "validate_key"]
+
+KEY_TTL_S = 24 * 3600
+_WAIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The stored first response."""
+
+    status: int
+    body: Any
+
+
+def validate_key(raw: str) -> str:
+    if not 1 <= len(raw) <= 255 or not raw.isascii() or not raw.isprintable():
+        raise ValidationError(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters.", field="Idempotency-Key"
+        )
+    return raw
+
+
+def fingerprint(*, method: str, path: str, body: bytes) -> bytes:
+    """What "the same request" means: method, concrete path and body bytes."""
+    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).digest()
+
+
+def claim(*, user_id: str, key: str, request_hash: bytes) -> Replay | None:
+    """Claim the key (None: go ahead and do the work) or return the first response to replay."""
+    deadline = time.monotonic() + _WAIT_S
+    while True:
+        with db.transaction() as conn:
+            # An expired key is free again.
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE user_id = %s AND key = %s"
+                " AND created_at < now() - make_interval(secs => %s)",
+                (user_id, key, KEY_TTL_S),
+            )
+            inserted = conn.execute(
+                "INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING key",
+                (user_id, key, request_hash),
+            ).fetchone()
+            if inserted is not None:
+                return None
+            row = conn.execute(
+                "SELECT request_hash, status_code, response_body FROM idempotency_keys"
+                " WHERE user_id = %s AND key = %s",
+                (user_id, key),
+            ).fetchone()
+        if row is None:
+            continue  # released between our insert and select: claim again
+        if bytes(row["request_hash"]) != request_hash:
+            raise IdempotencyKeyReused()
+        if row["status_code"] is not None:
+            return Replay(status=row["status_code"], body=row["response_body"])
+        if time.monotonic() > deadline:
+            raise IdempotencyKeyReused(
+                "A request with this Idempotency-Key is still being processed; retry shortly."
+            )
+        time.sleep(0.05)
+
+
+def store(*, user_id: str, key: str, status: int, body: Any) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "UPDATE idempotency_keys SET status_code = %s, response_body = %s"
+            " WHERE user_id = %s AND key = %s",
+            (status, Jsonb(body), user_id, key),
+        )
+
+
+def release(*, user_id: str, key: str) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "DELETE FROM idempotency_keys WHERE user_id = %s AND key = %s AND status_code IS NULL",
+            (user_id, key),
+        )
+
+
+def purge_expired() -> int:
+    """Forget keys older than 24 h (run by the reaper's schedule)."""
+    with db.transaction() as conn:
+        cur = conn.execute(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => %s)", (KEY_TTL_S,)
+        )
+        return cur.rowcount
