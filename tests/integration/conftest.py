@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Api
+from helpers import Api, LocalProcess
 
 
 def free_port() -> int:
@@ -74,3 +74,25 @@ def api(server: str, db: Any, redis_client: Any) -> Iterator[Api]:
     client = Api(server)
     yield client
     client.http.close()
+
+
+@pytest.fixture
+def local_process(
+    database_url: str, broker_vhost: str, db: Any, redis_client: Any, tmp_path: Any
+) -> Iterator[LocalProcess]:
+    """A local-mode process on the test services (started by the test; stopped and its log shown after)."""
+    process = LocalProcess(free_port(), tmp_path / "local-mode.log")
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(process.log())  # pytest shows it when the test failed
+
+
+@pytest.fixture
+def local_mode(local_process: LocalProcess) -> Iterator[Api]:
+    """A running local-mode process and a client for it."""
+    local_process.start()
+    api = Api(local_process.base_url)
+    yield api
+    api.http.close()

@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
-from conftest import free_port
+
 from helpers import Account, Api, EventStream, assert_error, rabbitmqctl
-
-
-@pytest.fixture
-def local_mode(
-    database_url: str, broker_vhost: str, db: Any, redis_client: Any, tmp_path: Path
-) -> Iterator[Api]:
-    """`python -m minichat_local` as a user runs it (relay and consumer included), on the test services."""
-    port = free_port()
-    log = tmp_path / "local-mode.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minichat_local", "--port", str(port)],
-        env=dict(os.environ, MINICHAT_LOG_LEVEL="WARNING"),
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-    )
-    api = Api(f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if api.http.get("/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "local mode did not start"
-        time.sleep(0.1)
-    try:
-        yield api
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        api.http.close()
-        print(log.read_text()[-5000:])  # shown by pytest when the test failed
 
 
 def _generate(api: Api, user: Account, chat_id: str, content: str) -> None:
@@ -111,7 +73,11 @@ def test_usage_query_validation(local_mode: Api) -> None:
     api = local_mode
     user = api.register()
     r = api.request("GET", "/api/usage", user=user, params={"from": "2026-01-01", "to": "2026-01-03"})
-    assert r.status_code == 200 and [d["day"] for d in r.json()["days"]] == ["2026-01-01", "2026-01-02", "2026-01-03"]
+    assert r.status_code == 200 and [d["day"] for d in r.json()["days"]] == [
+        "2026-01-01",
+        "2026-01-02",
+        "2026-01-03",
+    ]
     for params, field in [
         ({"from": "yesterday"}, "from"),
         ({"to": "2026-13-01"}, "to"),
@@ -119,9 +85,12 @@ def test_usage_query_validation(local_mode: Api) -> None:
         ({"from": "2020-01-01", "to": "2026-01-01"}, "from"),
         ({"userId": user.user_id}, "userId"),
     ]:
-        assert assert_error(api.request("GET", "/api/usage", user=user, params=params), 400, "validation_error")[
-            "field"
-        ] == field
+        assert (
+            assert_error(api.request("GET", "/api/usage", user=user, params=params), 400, "validation_error")[
+                "field"
+            ]
+            == field
+        )
     assert_error(api.http.get("/api/usage"), 401, "unauthorized")
 
 
@@ -147,7 +116,9 @@ def test_broker_outage_delays_usage_but_loses_none(local_mode: Api, db: Any) -> 
             t.join()
         assert db.execute("SELECT count(*) FROM generations WHERE status = 'succeeded'").fetchone()[0] == 200
         assert db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 0
-        pending = db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL AND queue = 'usage_event'")
+        pending = db.execute(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND queue = 'usage_event'"
+        )
         assert pending.fetchone()[0] == 200
     finally:
         rabbitmqctl("start_app")
