@@ -63,7 +63,7 @@ def list_chats(*, user_id: str, limit: int, cursor: str | None) -> dict[str, Any
             raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor") from None
         where = "AND (updated_at, id) < (%s, %s::uuid)"
         params += [updated_at, str(position[1])]
-    with db.transaction() as conn:
+    with db.read() as conn:
         rows = conn.execute(
             f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_id = %s {where}"
             " ORDER BY updated_at DESC, id DESC LIMIT %s",
@@ -78,7 +78,7 @@ def list_chats(*, user_id: str, limit: int, cursor: str | None) -> dict[str, Any
 
 
 def get_chat(*, user_id: str, chat_id: str) -> dict[str, Any]:
-    with db.transaction() as conn:
+    with db.read() as conn:
         row = conn.execute(
             f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = %s AND user_id = %s", (chat_id, user_id)
         ).fetchone()
@@ -150,7 +150,7 @@ def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None)
         if not isinstance(position[0], int) or isinstance(position[0], bool):
             raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor")
         after = position[0]
-    with db.transaction() as conn:
+    with db.read() as conn:
         # One round trip: the ownership check rides along as a join.
         rows = conn.execute(
             f"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,11 +16,18 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from minichat.config import get_settings
 from minichat.errors import ServiceUnavailable
 
-__all__ = ["Conn", "after_commit", "close_pool", "get_pool", "transaction"]
+__all__ = ["Conn", "after_commit", "close_pool", "get_pool", "read", "transaction"]
 
 Conn = psycopg.Connection[dict[str, Any]]
 
 _pool: ConnectionPool[Conn] | None = None
+_IDLE_CHECK_S = 2.0
+_last_used: dict[int, float] = {}
+
+
+def _check_if_idle(conn: Conn) -> None:
+    if time.monotonic() - _last_used.get(id(conn), 0.0) > _IDLE_CHECK_S:
+        ConnectionPool.check_connection(conn)
 _on_commit: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
     "minichat_on_commit", default=None
 )
@@ -38,9 +46,9 @@ def get_pool() -> ConnectionPool[Conn]:
                     min_size=settings.db_pool_min,
                     max_size=settings.db_pool_max,
                     kwargs={"row_factory": dict_row, "connect_timeout": 3},
-                    # A cheap check on checkout: after a database restart, stale
-                    # connections are replaced instead of failing one request each.
-                    check=ConnectionPool.check_connection,
+                    # After a database restart, stale connections are replaced instead of failing
+                    # one request each; only connections idle for a while are checked (a round trip).
+                    check=_check_if_idle,
                     timeout=5,
                     name="minichat",
                     open=False,
@@ -79,10 +87,30 @@ def transaction() -> Iterator[Conn]:
     token = _on_commit.set(callbacks)
     try:
         with get_pool().connection() as conn:
-            yield conn
+            try:
+                yield conn
+            finally:
+                _last_used[id(conn)] = time.monotonic()
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
     finally:
         _on_commit.reset(token)
     for callback in callbacks:
         callback()
+
+
+@contextmanager
+def read() -> Iterator[Conn]:
+    """A connection for reads that need no transaction: each statement commits on its own (autocommit),
+    one round trip instead of BEGIN, query, COMMIT. Failures map to ServiceUnavailable as in transaction().
+    """
+    try:
+        with get_pool().connection() as conn:
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                conn.autocommit = False
+                _last_used[id(conn)] = time.monotonic()
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc

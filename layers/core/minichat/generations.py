@@ -112,7 +112,7 @@ def _take_lock(client: redis.Redis, *, user_id: str, generation_id: str) -> None
         holder = limits.inflight_holder(client, user_id)
         if holder is None:
             continue  # released in between: try again
-        with db.transaction() as conn:
+        with db.read() as conn:
             row = conn.execute("SELECT status FROM generations WHERE id = %s", (holder,)).fetchone()
         if row is not None and row["status"] in IN_FLIGHT:
             raise GenerationInFlight(holder)
@@ -196,7 +196,7 @@ def _release_quietly(client: redis.Redis, *, user_id: str, generation_id: str) -
 
 
 def get_generation(*, user_id: str, generation_id: str) -> dict[str, Any]:
-    with db.transaction() as conn:
+    with db.read() as conn:
         row = _owned(conn, user_id=user_id, generation_id=generation_id)
     return generation_out(row)
 
@@ -330,7 +330,7 @@ def _request_cancel(client: redis.Redis, generation_id: str) -> None:
 
 def cancel_generation(*, user_id: str, generation_id: str) -> dict[str, Any]:
     """Idempotent cancel: a queued generation ends now; a streaming one within 250 ms."""
-    with db.transaction() as conn:
+    with db.read() as conn:
         row = _owned(conn, user_id=user_id, generation_id=generation_id)
     if row["status"] in TERMINAL:
         return generation_out(row)
@@ -362,7 +362,7 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
         cancel_generation(user_id=user_id, generation_id=generation_id)
         deadline = time.monotonic() + wait_s
         while True:
-            with db.transaction() as conn:
+            with db.read() as conn:
                 status = conn.execute(
                     "SELECT status FROM generations WHERE id = %s", (generation_id,)
                 ).fetchone()
@@ -437,13 +437,13 @@ def heartbeat(*, generation_ids: list[str]) -> None:
 
 
 def status_of(*, generation_id: str) -> str | None:
-    with db.transaction() as conn:
+    with db.read() as conn:
         row = conn.execute("SELECT status FROM generations WHERE id = %s", (generation_id,)).fetchone()
     return row["status"] if row else None
 
 
 def final_state(*, generation_id: str) -> tuple[dict[str, Any], str]:
-    with db.transaction() as conn:
+    with db.read() as conn:
         row = conn.execute(f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,)).fetchone()
         message = conn.execute(
             "SELECT content FROM messages WHERE generation_id = %s", (generation_id,)
