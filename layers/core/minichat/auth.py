@@ -39,7 +39,9 @@ __all__ = [
 _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16)
 # Verified against when the email is unknown, so a login costs the same either way. A constant (of a
 # random password nobody knows) with the same parameters: hashing one at import cost ~30 ms a cold start.
-_DUMMY_HASH = "$argon2id$v=19$m=19456,t=2,p=1$sfCRYTPcPpsUgQErZQxOwg$YPW/II4Qgb4+7nza9avyAkB77nYcXNH4zido4o/b40Y"
+_DUMMY_HASH = (
+    "$argon2id$v=19$m=19456,t=2,p=1$sfCRYTPcPpsUgQErZQxOwg$YPW/II4Qgb4+7nza9avyAkB77nYcXNH4zido4o/b40Y"
+)
 _ALGORITHM = "HS256"
 _ACCESS_TYP = "access"
 _STREAM_TYP = "stream"
