@@ -1,22 +1,35 @@
-"""`python -m minichat_local`: migrate, then serve everything on 127.0.0.1:${PORT:-8000} until Ctrl-C."""
+"""`python -m minichat_local`: migrate, then serve everything on 127.0.0.1:${PORT:-8000} until Ctrl-C.
+
+The listening socket is opened once; `MINICHAT_WORKERS` processes (default 1)
+serve it, each a full local-mode server (REST through Chalice, the stream app). The supervisor runs the
+background services once: the outbox relay, the reaper and the RabbitMQ consumer that feeds the worker.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import signal
+import socket
 import sys
+import time
 from types import FrameType
 from typing import Any
 
 __all__ = ["main"]
 
+_PR_SET_PDEATHSIG = 1
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minichat_local", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minichat_local", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("MINICHAT_WORKERS") or 0))
     args = parser.parse_args(argv)
+    workers = args.workers or 1
 
     from minichat_local.functions import repo_root
 
@@ -49,16 +62,42 @@ def main(argv: list[str] | None = None) -> int:
     for name in apply_migrations(settings.database_url):
         print(f"minichat: applied migration {name}", file=sys.stderr)
 
+    try:
+        sock = socket.create_server((args.host, args.port), backlog=2048)
+    except OSError as exc:
+        print(f"minichat: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    sock.set_inheritable(True)
+
+    from minichat_local.services import Background
+
+    background = Background()
+    # Fork before any thread or pool exists in this process: children start clean.
+    children = {_spawn(sock, background) for _ in range(workers)} if workers > 1 else set()
+    background.start()
+    address = f"http://{args.host}:{args.port}"
+    print(
+        f"minichat: serving local mode on {address} with {workers} worker(s) (Ctrl-C stops)", file=sys.stderr
+    )
+    try:
+        if children:
+            _supervise(children, sock, background)
+        else:
+            _serve(sock)
+    finally:
+        background.stop()
+    print("minichat: stopped", file=sys.stderr)
+    return 0
+
+
+def _serve(sock: socket.socket) -> None:
+    """One worker: the local-mode ASGI app under uvicorn on the shared socket."""
     import uvicorn
 
     from minichat_local.server import build_app
 
-    _Server = _server_class()
-
     config = uvicorn.Config(
         build_app(),
-        host=args.host,
-        port=args.port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -66,17 +105,55 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    from minichat_local.services import Background
+    _server_class()(config).run(sockets=[sock])
 
-    background = Background()
-    background.start()
-    print(f"minichat: serving local mode on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+
+def _spawn(sock: socket.socket, background: Any) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child: die with the supervisor (even on SIGKILL), so no orphan keeps the port.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    background.in_worker()  # commits here wake the supervisor's relay
+    code = 0
     try:
-        _Server(config).run()
-    finally:
-        background.stop()
-    print("minichat: stopped", file=sys.stderr)
-    return 0
+        _serve(sock)
+    except BaseException as exc:
+        print(f"minichat: worker {os.getpid()} failed: {exc!r}", file=sys.stderr)
+        code = 1
+    os._exit(code)
+
+
+def _supervise(children: set[int], sock: socket.socket, background: Any) -> None:
+    """Forward SIGINT/SIGTERM to the workers, replace a worker that dies, return when all have stopped."""
+    stopping = False
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                children.discard(pid)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in children:
+            continue
+        children.discard(pid)
+        if not stopping:
+            print(f"minichat: worker {pid} exited ({status}); starting another", file=sys.stderr)
+            time.sleep(0.5)
+            children.add(_spawn(sock, background))
 
 
 def _server_class() -> type:
@@ -92,6 +169,7 @@ def _server_class() -> type:
                 self.should_exit = True
 
         async def shutdown(self, sockets: Any = None) -> None:
+            # Running generations end first (persisted, `done` sent), then connections close.
             app = self.config.app
             if hasattr(app, "drain"):
                 await app.drain()

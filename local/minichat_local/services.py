@@ -6,6 +6,8 @@ are threads of the one local process.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 from minichat import events, reaper
@@ -20,9 +22,31 @@ class Background:
     def __init__(self, *, relay_interval: float = 1.0) -> None:
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Worker processes wake this process's relay through a pipe (one byte per commit with events).
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_w, False)
         self._relay_interval = relay_interval
         self._threads: list[threading.Thread] = []
         self.consumer = Consumer()
+
+    def in_worker(self) -> None:
+        """In a forked worker process: after a commit with events, poke the supervisor's relay."""
+        os.close(self._pipe_r)
+        events.set_commit_listener(self._poke)
+
+    def _poke(self) -> None:
+        # A full pipe already means "wake up"; the timer covers a supervisor that is gone.
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._pipe_w, b"!")
+
+    def _forward_pokes(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not os.read(self._pipe_r, 4096):
+                    return
+            except OSError:
+                return
+            self._wake.set()
 
     def start(self) -> None:
         # A commit that wrote outbox rows wakes the relay at once (the fast path); the timer sweeps the rest.
@@ -48,6 +72,8 @@ class Background:
         self._wake.set()
         events.set_commit_listener(None)
         self.consumer.stop()
+        os.close(self._pipe_w)  # ends _forward_pokes once no worker holds the pipe either
         for thread in self._threads:
-            thread.join(10)
+            if thread.name != "minichat-relay-wake":
+                thread.join(10)
         events.close_relay()
