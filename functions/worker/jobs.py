@@ -6,7 +6,7 @@ the same core functions on timers.
 
 from typing import Any
 
-from minichat import events, reaper
+from minichat import broker, events, reaper
 from minichat.config import get_settings
 from minichat.log import setup_logging
 from minichat.migrate import apply_migrations, ensure_database
@@ -25,7 +25,11 @@ def reaper_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 def migrate_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Apply pending migrations (invoked once per deploy)."""
+    """Apply pending migrations and declare the queues (invoked once per deploy), so that the MQ event
+    source mappings find their queues right after a deploy."""
     url = get_settings().database_url
     ensure_database(url)
-    return {"applied": apply_migrations(url)}
+    applied = apply_migrations(url)
+    with broker.connect(name="minichat-migrate") as connection:
+        broker.declare_topology(connection.channel())
+    return {"applied": applied, "queues": list(broker.QUEUES)}

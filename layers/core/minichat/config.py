@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 
 from minichat.errors import ConfigError
+from minichat.secrets import resolve_secret_references
 
 __all__ = ["Settings", "get_settings", "set_settings"]
 
@@ -69,6 +70,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        env = resolve_secret_references(env)  # *_SECRET_ARN → credentials, once per cold start (AWS)
         environment = env.get("MINICHAT_ENV") or ("aws" if env.get("AWS_LAMBDA_FUNCTION_NAME") else "local")
         defaults = cls()
         return cls(

@@ -1,0 +1,52 @@
+"""Shared by the AWS checks (tests/aws): paths, the tools' environment, running a tool, loading a script."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FUNCTIONS = (
+    "ApiFunction",
+    "StreamFunction",
+    "WorkerFunction",
+    "RelayFunction",
+    "ReaperFunction",
+    "MigrateFunction",
+)
+# Environment for every tool run: no telemetry, no AWS account, no call out.
+TOOL_ENV = {
+    "SAM_CLI_TELEMETRY": "0",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def load_script(relative: str) -> ModuleType:
+    """A helper script of the repository (infra/...), loaded by path: they are not a package."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(
+    args: list[str], *, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool from the repository root, its output kept for the test's report."""
+    env = {**os.environ, **TOOL_ENV}
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"$ {' '.join(args)}\n{result.stdout}{result.stderr}")
+    if check and result.returncode != 0:
+        pytest.fail(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,312 @@
+"""template.yaml checked statically: cfn-lint, `sam validate --lint`, and what SAM's transform makes of it.
+
+The transform's output (infra/deploy/sam_translate.py, the same library CloudFormation runs) is what gets
+deployed, so the REST API, the event source mappings and the IAM policies are checked there — against
+the code: the Chalice app's routes, the stream app's route, the queue names of minichat.broker.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_support import ROOT, load_script, run_tool
+
+pytestmark = pytest.mark.slow
+
+STREAM_TIMEOUT_MS = 900_000
+
+
+@pytest.fixture(scope="module")
+def translated(aws_tools: Path) -> dict[str, Any]:
+    """template.yaml after SAM's transform (CloudFormation JSON)."""
+    result = run_tool([str(aws_tools / "python"), "infra/deploy/sam_translate.py", "template.yaml"])
+    resources: dict[str, Any] = json.loads(result.stdout)
+    return resources
+
+
+def _resources(translated: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: res for name, res in translated["Resources"].items() if res["Type"] == kind}
+
+
+def _function_of(uri: Any) -> str:
+    """The function logical id an API Gateway integration URI points at."""
+    text = json.dumps(uri)
+    match = re.search(r"\$\{(\w+)\.Arn\}", text)
+    assert match, text
+    return match.group(1)
+
+
+def test_cfn_lint_reports_nothing(aws_tools: Path) -> None:
+    # Errors and warnings both fail (exit code 0 only when cfn-lint matched no rule at all).
+    run_tool([str(aws_tools / "cfn-lint"), "--format", "parseable", "template.yaml"])
+
+
+def test_sam_validate_lint(aws_tools: Path) -> None:
+    result = run_tool([str(aws_tools / "sam"), "validate", "--lint", "--template", "template.yaml"])
+    assert "is a valid SAM Template" in result.stdout + result.stderr
+
+
+def test_template_events_match_the_chalice_app() -> None:
+    # The plain-text check infra/deploy/api_routes.py --check makes (it prints the block to paste).
+    api_routes = load_script("infra/deploy/api_routes.py")
+    assert api_routes.template_events("ApiFunction") == api_routes.chalice_routes()
+    assert api_routes.template_events("StreamFunction") == api_routes.stream_routes()
+
+
+def test_rest_api_routes_are_exactly_the_apps_routes(translated: dict[str, Any]) -> None:
+    api_routes = load_script("infra/deploy/api_routes.py")
+    (api,) = _resources(translated, "AWS::ApiGateway::RestApi").values()
+    paths = api["Properties"]["Body"]["paths"]
+    deployed = {
+        (path, method.upper()): op["x-amazon-apigateway-integration"]
+        for path, item in paths.items()
+        for method, op in item.items()
+    }
+    chalice, stream = api_routes.chalice_routes(), api_routes.stream_routes()
+    assert set(deployed) == chalice | stream
+    for route in chalice:
+        integration = deployed[route]
+        assert integration["type"] == "aws_proxy"
+        assert _function_of(integration["uri"]) == "ApiFunction"
+        assert "responseTransferMode" not in integration
+    for route in stream:
+        integration = deployed[route]
+        assert integration["type"] == "aws_proxy"
+        assert _function_of(integration["uri"]) == "StreamFunction"
+        assert integration["responseTransferMode"] == "STREAM"
+        assert integration["timeoutInMillis"] == STREAM_TIMEOUT_MS
+        assert "/2021-11-15/functions/" in json.dumps(integration["uri"])
+        assert "/response-streaming-invocations" in json.dumps(integration["uri"])
+
+
+def test_one_rest_api_and_an_api_url_output(translated: dict[str, Any]) -> None:
+    assert len(_resources(translated, "AWS::ApiGateway::RestApi")) == 1
+    assert not _resources(translated, "AWS::ApiGatewayV2::Api")  # HTTP APIs cannot stream
+    assert "MiniChatApi" in json.dumps(translated["Outputs"]["ApiUrl"]["Value"])
+
+
+def _function(translated: dict[str, Any], name: str) -> dict[str, Any]:
+    props: dict[str, Any] = translated["Resources"][name]["Properties"]
+    return props
+
+
+def _handler_exists(code_dir: str, handler: str) -> bool:
+    module, _, attribute = handler.rpartition(".")
+    tree = ast.parse((ROOT / code_dir / f"{module}.py").read_text())
+    names = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+    return attribute in names
+
+
+@pytest.mark.parametrize(
+    ("name", "code_dir", "handler"),
+    [
+        ("ApiFunction", "functions/api", "app.app"),
+        ("WorkerFunction", "functions/worker", "handler.handler"),
+        ("RelayFunction", "functions/worker", "jobs.relay_handler"),
+        ("ReaperFunction", "functions/worker", "jobs.reaper_handler"),
+        ("MigrateFunction", "functions/worker", "jobs.migrate_handler"),
+    ],
+)
+def test_python_handlers_exist(translated: dict[str, Any], name: str, code_dir: str, handler: str) -> None:
+    function = _function(translated, name)
+    assert function["Handler"] == handler
+    assert function["Runtime"] == "python3.12"
+    assert _handler_exists(code_dir, handler)
+
+
+def test_stream_function_runs_behind_the_web_adapter(translated: dict[str, Any]) -> None:
+    function = _function(translated, "StreamFunction")
+    assert function["Handler"] == "run.sh"
+    assert (ROOT / "functions" / "stream" / "run.sh").stat().st_mode & 0o111
+    assert function["Timeout"] == 900
+    env = function["Environment"]["Variables"]
+    assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
+    assert env["AWS_LWA_INVOKE_MODE"] == "response_stream"
+    assert env["AWS_LWA_READINESS_CHECK_PATH"] == "/_ready"
+    layers = json.dumps(function["Layers"])
+    assert ":753240598075:layer:LambdaAdapterLayerX86:" in layers
+    assert layers.count("CoreLayer") == 1  # Globals' layer plus the adapter, not the core twice
+    # The readiness path is a route of the stream app.
+    assert '"/_ready"' in (ROOT / "functions" / "stream" / "app.py").read_text()
+
+
+def test_worker_consumes_both_queues_from_amazon_mq(translated: dict[str, Any]) -> None:
+    from minichat import broker
+
+    mappings = _resources(translated, "AWS::Lambda::EventSourceMapping")
+    queues = {}
+    for mapping in mappings.values():
+        props = mapping["Properties"]
+        assert props["FunctionName"] == {"Ref": "WorkerFunction"}
+        assert "Broker" in json.dumps(props["EventSourceArn"])
+        assert 1 <= props["BatchSize"] <= 10_000
+        assert 0 <= props["MaximumBatchingWindowInSeconds"] <= 300
+        access = {item["Type"]: item["URI"] for item in props["SourceAccessConfigurations"]}
+        assert "BrokerSecret" in json.dumps(access["BASIC_AUTH"])
+        assert access["VIRTUAL_HOST"] == "/"
+        (queue,) = props["Queues"]
+        queues[queue] = props
+    assert set(queues) == set(broker.QUEUES)
+
+
+def _statements(translated: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    policies = translated["Resources"][role]["Properties"].get("Policies", [])
+    # A conditional policy ({"Fn::If": [condition, policy, AWS::NoValue]}) counts with its condition true.
+    policies = [p["Fn::If"][1] if "Fn::If" in p else p for p in policies]
+    return [st for policy in policies for st in policy["PolicyDocument"]["Statement"]]
+
+
+def test_worker_role_has_the_mq_network_permissions(translated: dict[str, Any]) -> None:
+    actions = {a for st in _statements(translated, "WorkerFunctionRole") for a in _actions(st)}
+    assert {
+        "ec2:CreateNetworkInterface",
+        "ec2:DeleteNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeSecurityGroups",
+        "ec2:DescribeSubnets",
+        "ec2:DescribeVpcs",
+        "mq:DescribeBroker",
+        "secretsmanager:GetSecretValue",
+    } <= actions
+
+
+def _actions(statement: dict[str, Any]) -> list[str]:
+    actions = statement["Action"]
+    return [actions] if isinstance(actions, str) else list(actions)
+
+
+def test_iam_is_least_privilege(translated: dict[str, Any]) -> None:
+    network = {
+        "ec2:CreateNetworkInterface",
+        "ec2:DeleteNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeSecurityGroups",
+        "ec2:DescribeSubnets",
+        "ec2:DescribeVpcs",
+    }
+    for role in _resources(translated, "AWS::IAM::Role"):
+        for statement in _statements(translated, role):
+            assert statement["Effect"] == "Allow"
+            for action in _actions(statement):
+                assert "*" not in action, (role, action)
+            if statement["Resource"] == "*":
+                assert set(_actions(statement)) <= network, (role, statement)
+            if "secretsmanager:GetSecretValue" in _actions(statement):
+                assert "Secret" in json.dumps(statement["Resource"]), (role, statement)
+        allowed = {"AWSLambdaBasicExecutionRole", "AWSLambdaVPCAccessExecutionRole"}
+        for arn in translated["Resources"][role]["Properties"].get("ManagedPolicyArns", []):
+            assert arn.rsplit("/", 1)[-1] in allowed, (role, arn)
+
+
+def test_each_function_reads_only_the_secrets_its_environment_names(translated: dict[str, Any]) -> None:
+    for name, function in _resources(translated, "AWS::Lambda::Function").items():
+        env = function["Properties"]["Environment"]["Variables"]
+        named = {json.dumps(value) for key, value in env.items() if key.endswith("_SECRET_ARN")}
+        role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+        readable = {
+            json.dumps(st["Resource"])
+            for st in _statements(translated, role)
+            if "secretsmanager:GetSecretValue" in _actions(st)
+        }
+        for secret in named:
+            reference = [ref for ref in re.findall(r'"Ref": "([\w:]+)"', secret) if ref != "AWS::NoValue"]
+            assert reference, (name, secret)
+            assert any(all(f'"{ref}"' in r for ref in reference) for r in readable), (name, secret)
+
+
+def test_no_credential_sits_in_a_function_configuration(translated: dict[str, Any]) -> None:
+    for name, function in _resources(translated, "AWS::Lambda::Function").items():
+        for key, value in function["Properties"]["Environment"]["Variables"].items():
+            text = json.dumps(value)
+            assert "{{resolve:" not in text, (name, key)
+            assert "@" not in text, (name, key)  # URLs name hosts only; minichat.secrets adds the user
+
+
+def test_schedules_run_the_relay_and_the_reaper_every_minute(translated: dict[str, Any]) -> None:
+    rules = _resources(translated, "AWS::Events::Rule")
+    targets = {
+        json.dumps(target["Arn"]): rule["Properties"]["ScheduleExpression"]
+        for rule in rules.values()
+        for target in rule["Properties"]["Targets"]
+    }
+    by_function = {re.search(r'"(\w+Function)"', arn).group(1): expr for arn, expr in targets.items()}  # type: ignore[union-attr]
+    assert by_function == {"RelayFunction": "rate(1 minute)", "ReaperFunction": "rate(1 minute)"}
+
+
+def test_data_services_are_created_or_taken_as_parameters(translated: dict[str, Any]) -> None:
+    resources = translated["Resources"]
+    for name in ("Database", "Cache", "Broker", "Vpc", "NatGateway", "DatabaseSecret", "BrokerSecret"):
+        assert resources[name]["Condition"] == "CreateData", name
+    assert resources["Cache"]["Properties"]["TransitEncryptionEnabled"] is True
+    assert resources["Broker"]["Properties"]["EngineType"] == "RABBITMQ"
+    assert resources["Broker"]["Properties"]["PubliclyAccessible"] is False
+    assert resources["Database"]["Properties"]["PubliclyAccessible"] is False
+    rules = yaml_free_rules()
+    for parameter in (
+        "ExistingDatabaseUrl",
+        "ExistingDatabaseSecretArn",
+        "ExistingRedisUrl",
+        "ExistingBrokerArn",
+        "ExistingBrokerAmqpsUrl",
+        "ExistingBrokerSecretArn",
+    ):
+        assert parameter in rules, parameter
+    # Amazon MQ for RabbitMQ speaks AMQPS on 5671 only.
+    ingress = resources["BrokerSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert {(rule["FromPort"], rule["ToPort"]) for rule in ingress} == {(5671, 5671)}
+
+
+def yaml_free_rules() -> str:
+    """The template's Rules section as text (enough to see which parameters it asserts on)."""
+    text = (ROOT / "template.yaml").read_text()
+    return text.split("\nRules:\n", 1)[1].split("\nConditions:\n", 1)[0]
+
+
+def test_the_jwt_key_is_generated_and_read_from_secrets_manager(translated: dict[str, Any]) -> None:
+    secret = translated["Resources"]["JwtSecret"]["Properties"]
+    assert secret["GenerateSecretString"]["PasswordLength"] >= 32  # 256 bits, as config.py requires
+    for name in ("ApiFunction", "StreamFunction"):
+        env = _function(translated, name)["Environment"]["Variables"]
+        assert env["MINICHAT_JWT_SECRET_ARN"] == {"Ref": "JwtSecret"}
+
+
+def test_samconfig_has_a_dev_and_a_prod_environment() -> None:
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    for env, stack in (("default", "minichat-dev"), ("prod", "minichat-prod")):
+        assert config[env]["global"]["parameters"]["stack_name"] == stack
+        deploy = config[env]["deploy"]["parameters"]
+        assert "CAPABILITY_IAM" in deploy["capabilities"]
+        name = "dev" if env == "default" else "prod"
+        assert f"Environment={name}" in deploy["parameter_overrides"]
+
+
+def test_sample_events_exist_for_sam_local_invoke() -> None:
+    # `sam local invoke -e` with these works where Docker runs (docs/aws.md); they must stay valid JSON
+    # of the shapes the functions receive.
+    for name in ("apigateway-rest-proxy.json", "amazon-mq-usage.json", "amazon-mq-audit.json"):
+        event = json.loads((ROOT / "tests" / "events" / name).read_text())
+        assert event
+    proxy = json.loads((ROOT / "tests" / "events" / "apigateway-rest-proxy.json").read_text())
+    assert proxy["requestContext"]["resourcePath"] == proxy["resource"]
+
+
+def test_sam_local_env_file_sets_only_declared_variables(translated: dict[str, Any]) -> None:
+    # `sam local invoke --env-vars` overrides only what the template declares for that function.
+    overrides = json.loads((ROOT / "infra" / "localstack" / "sam-local-env.json").read_text())
+    functions = _resources(translated, "AWS::Lambda::Function")
+    assert set(overrides) == set(functions)
+    for name, variables in overrides.items():
+        declared = set(functions[name]["Properties"]["Environment"]["Variables"])
+        assert set(variables) <= declared, (name, set(variables) - declared)
+        for key in declared:
+            if key.endswith("_SECRET_ARN") and key != "MINICHAT_JWT_SECRET_ARN":
+                assert variables.get(key) == "", (name, key)  # no Secrets Manager on the laptop
