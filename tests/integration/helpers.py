@@ -170,3 +170,22 @@ class LocalProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+
+def daily_usage_matches_events(db: Any) -> bool:
+    """The contract's invariant: daily_usage equals the sum of usage_events per user and UTC day."""
+    daily = db.execute(
+        "SELECT user_id, day, input_tokens, output_tokens FROM daily_usage ORDER BY 1, 2"
+    ).fetchall()
+    summed = db.execute(
+        "SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date, sum(input_tokens), sum(output_tokens)"
+        " FROM usage_events GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+    return bool(daily == summed)
+
+
+def assert_usage_invariant(db: Any) -> None:
+    """daily_usage == sum(usage_events) per user and day, and one usage event per generation."""
+    assert daily_usage_matches_events(db)
+    dupes = db.execute("SELECT count(*) - count(DISTINCT generation_id) FROM usage_events").fetchone()[0]
+    assert dupes == 0

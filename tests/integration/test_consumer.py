@@ -24,7 +24,7 @@ import pika.exceptions
 import psycopg
 import pytest
 
-from helpers import BROKER_URL, VHOST, rabbitmqctl
+from helpers import BROKER_URL, VHOST, daily_usage_matches_events, rabbitmqctl
 from minichat.broker import QUEUES, dead_letter_queue, declare_topology, replay_dead_letters
 from minichat.config import get_settings, set_settings
 from minichat.events import AUDIT_QUEUE, USAGE_QUEUE
@@ -117,17 +117,6 @@ def wait_until(condition: Callable[[], bool], *, timeout: float) -> None:
 
 def queue_depth(ch: Any, queue: str) -> int:
     return int(ch.queue_declare(queue, passive=True).method.message_count)
-
-
-def assert_daily_equals_events(db: psycopg.Connection) -> None:
-    daily = db.execute(
-        "SELECT user_id, day, input_tokens, output_tokens FROM daily_usage ORDER BY 1, 2"
-    ).fetchall()
-    summed = db.execute(
-        "SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date, sum(input_tokens), sum(output_tokens)"
-        " FROM usage_events GROUP BY 1, 2 ORDER BY 1, 2"
-    ).fetchall()
-    assert daily == summed
 
 
 def test_batches_of_at_most_100_from_both_queues_acked_after_the_handler(
@@ -325,7 +314,7 @@ def test_consumer_killed_mid_stream_then_restarted_loses_and_duplicates_nothing(
     assert stored == {b["eventId"] for b in bodies}  # nothing lost, nothing twice (ids are the primary key)
     assert count(db, "SELECT sum(input_tokens) FROM daily_usage") == sum(b["inputTokens"] for b in bodies)
     assert count(db, "SELECT count(*) FROM dead_letters") == 0
-    assert_daily_equals_events(db)
+    assert daily_usage_matches_events(db)
     # The kill left deliveries unacknowledged; the broker gave them to the restarted consumer.
     redelivered = batch_totals(logs[1], "redelivered")
     assert redelivered > 0

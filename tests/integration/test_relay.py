@@ -20,7 +20,7 @@ import pika.exceptions
 import psycopg
 import pytest
 
-from helpers import VHOST, rabbitmqctl
+from helpers import VHOST, daily_usage_matches_events, rabbitmqctl
 from minichat import events
 from minichat.broker import QUEUES, connection_parameters, dead_letter_queue
 from minichat.config import get_settings, set_settings
@@ -245,23 +245,12 @@ def test_broker_stopped_while_generations_finish_then_started(
     stored = {row[0] for row in db.execute("SELECT id::text FROM usage_events")}
     assert stored == set(before) | set(during)
     assert max(seen.values()) == 1 and set(seen) == stored  # nothing sent twice, nothing lost
-    assert daily_equals_events(db)
+    assert daily_usage_matches_events(db)
 
 
 def count(db: psycopg.Connection, table: str) -> int:
     row = db.execute(f"SELECT count(*) FROM {table}").fetchone()
     return int(row[0]) if row else -1
-
-
-def daily_equals_events(db: psycopg.Connection) -> bool:
-    daily = db.execute(
-        "SELECT user_id, day, input_tokens, output_tokens FROM daily_usage ORDER BY 1, 2"
-    ).fetchall()
-    summed = db.execute(
-        "SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date, sum(input_tokens), sum(output_tokens)"
-        " FROM usage_events GROUP BY 1, 2 ORDER BY 1, 2"
-    ).fetchall()
-    return bool(daily == summed)
 
 
 def wait_until(condition: Any, *, timeout: float) -> None:

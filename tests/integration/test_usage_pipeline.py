@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
 
-from helpers import Account, Api, EventStream, assert_error, rabbitmqctl
+from helpers import Account, Api, EventStream, assert_error, assert_usage_invariant, rabbitmqctl
 
 
 def _generate(api: Api, user: Account, chat_id: str, content: str) -> None:
@@ -19,23 +18,6 @@ def _generate(api: Api, user: Account, chat_id: str, content: str) -> None:
     stream = EventStream(api.http, r.json()["streamUrl"])
     assert stream.until_done()[-1][1]["status"] == "succeeded"
     stream.close()
-
-
-def _invariant(db: psycopg.Connection) -> None:
-    """daily_usage equals the sum of usage_events per user and UTC day; one usage event per generation."""
-    mismatch = db.execute(
-        """
-        SELECT count(*) FROM (
-            SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date AS day,
-                   sum(input_tokens) AS i, sum(output_tokens) AS o
-            FROM usage_events GROUP BY 1, 2
-        ) e FULL JOIN daily_usage d USING (user_id, day)
-        WHERE d.input_tokens IS DISTINCT FROM e.i OR d.output_tokens IS DISTINCT FROM e.o
-        """
-    ).fetchone()[0]
-    assert mismatch == 0
-    dupes = db.execute("SELECT count(*) - count(DISTINCT generation_id) FROM usage_events").fetchone()[0]
-    assert dupes == 0
 
 
 def _wait_for(predicate: Any, timeout: float) -> float:
@@ -66,7 +48,7 @@ def test_usage_reaches_the_api_through_the_worker(local_mode: Api, db: Any) -> N
     # Deleting the chat never changes usage totals.
     api.request("DELETE", f"/api/chats/{chat['id']}", user=user)
     assert api.request("GET", "/api/usage", user=user).json()["totals"] == body["totals"]
-    _invariant(db)
+    assert_usage_invariant(db)
 
 
 def test_usage_query_validation(local_mode: Api) -> None:
@@ -124,9 +106,9 @@ def test_broker_outage_delays_usage_but_loses_none(local_mode: Api, db: Any) -> 
         rabbitmqctl("start_app")
     waited = _wait_for(lambda: db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 200, 60)
     print(f"all 200 usage events recorded {waited:.1f} s after the broker restart")
-    _invariant(db)
+    assert_usage_invariant(db)
     total = db.execute("SELECT sum(output_tokens) FROM daily_usage").fetchone()[0]
     assert total == 200 * 4
     time.sleep(1.5)  # nothing arrives twice later either
     assert db.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 200
-    _invariant(db)
+    assert_usage_invariant(db)

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from helpers import daily_usage_matches_events
 from minichat.config import get_settings, set_settings
 from minichat.db import close_pool
 from minichat.errors import ServiceUnavailable, ValidationError
@@ -85,18 +86,6 @@ def snapshot(db: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     return {name: db.execute(sql).fetchall() for name, sql in queries.items()}
 
 
-def assert_daily_equals_events(db: psycopg.Connection) -> None:
-    """The contract's invariant: daily_usage == sum(usage_events) per user and UTC day."""
-    daily = db.execute(
-        "SELECT user_id, day, input_tokens, output_tokens FROM daily_usage ORDER BY 1, 2"
-    ).fetchall()
-    summed = db.execute(
-        "SELECT user_id, (occurred_at AT TIME ZONE 'UTC')::date, sum(input_tokens), sum(output_tokens)"
-        " FROM usage_events GROUP BY 1, 2 ORDER BY 1, 2"
-    ).fetchall()
-    assert daily == summed
-
-
 @pytest.fixture
 def users(db: psycopg.Connection) -> psycopg.Connection:
     add_users(db, USER_A, USER_B)
@@ -117,7 +106,7 @@ def test_sample_batches_are_recorded(users: psycopg.Connection) -> None:
         (USER_A, date(2025, 1, 15), 12 + 1000 + 7, 34 + 250 + 8),
         (USER_B, date(2025, 1, 16), 5, 6),
     ]
-    assert_daily_equals_events(users)
+    assert daily_usage_matches_events(users)
     actions = users.execute("SELECT action, user_id::text, metadata_json FROM audit_logs ORDER BY created_at")
     assert actions.fetchall() == [
         ("user.login", USER_A, {"ip": "203.0.113.7"}),
@@ -143,7 +132,7 @@ def test_the_same_batch_delivered_twice_changes_nothing(users: psycopg.Connectio
     assert (first["usage_inserted"], first["audit_inserted"], first["dead_lettered"]) == (4, 3, 1)
     assert (second["usage_inserted"], second["audit_inserted"], second["dead_lettered"]) == (0, 0, 0)
     assert (second["usage_duplicates"], second["audit_duplicates"], second["days_updated"]) == (4, 3, 0)
-    assert_daily_equals_events(users)
+    assert daily_usage_matches_events(users)
 
 
 def test_duplicates_inside_one_batch_count_once(users: psycopg.Connection) -> None:
@@ -190,7 +179,7 @@ def test_malformed_messages_are_dead_lettered_and_the_valid_ones_recorded(users:
     assert result["dead_lettered"] == 7
     daily = users.execute("SELECT user_id::text, input_tokens, output_tokens FROM daily_usage ORDER BY 2")
     assert daily.fetchall() == [(USER_B, 5, 4), (USER_A, 100, 10)]
-    assert_daily_equals_events(users)
+    assert daily_usage_matches_events(users)
     dead = users.execute("SELECT queue, message_id, body, reason FROM dead_letters ORDER BY id").fetchall()
     assert [(q, r) for q, _, _, r in dead] == [
         ("usage_event", "body is not valid JSON (JSONDecodeError)"),
@@ -222,7 +211,7 @@ def test_database_unreachable_raises_and_a_retry_succeeds(users: psycopg.Connect
     assert users.execute("SELECT count(*) FROM usage_events").fetchone() == (0,)
 
     assert handler(event)["usage_inserted"] == 4
-    assert_daily_equals_events(users)
+    assert daily_usage_matches_events(users)
 
 
 def test_database_lost_in_the_middle_of_a_batch_writes_nothing(users: psycopg.Connection) -> None:
@@ -254,7 +243,7 @@ def test_database_lost_in_the_middle_of_a_batch_writes_nothing(users: psycopg.Co
 
     retry = handler(event)
     assert (retry["usage_inserted"], retry["audit_inserted"], retry["dead_lettered"]) == (4, 3, 1)
-    assert_daily_equals_events(users)
+    assert daily_usage_matches_events(users)
 
 
 def wait_for_lock_waiter(db: psycopg.Connection, blocker_pid: int) -> int:
@@ -288,7 +277,7 @@ def test_concurrent_redeliveries_count_each_event_once(users: psycopg.Connection
     assert len(results) == 4
     assert sum(r["usage_inserted"] for r in results) == 100
     assert users.execute("SELECT sum(input_tokens) FROM daily_usage").fetchone() == (sum(range(100)),)
-    assert_daily_equals_events(users)
+    assert daily_usage_matches_events(users)
 
 
 @pytest.fixture
