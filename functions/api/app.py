@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
+import json
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import date
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -30,15 +33,15 @@ from minichat.log import request_id as current_request_id
 from minichat.providers import ProviderRegistry
 from minichat.serialize import utcnow
 from minichat.validate import (
+    EMAIL,
     MAX_BODY_BYTES,
-    email_field,
-    number_field,
+    Body,
+    Number,
+    Text,
     parse_day,
-    parse_json_object,
     parse_limit,
     parse_uuid,
     require_fields,
-    text_field,
 )
 
 app = Chalice(app_name="minichat-api")
@@ -192,8 +195,43 @@ def _request() -> Request:
     return request
 
 
-def _body(*, allow_empty: bool = False) -> dict[str, Any]:
-    return parse_json_object(_request().raw_body, allow_empty=allow_empty)
+# The request bodies, each declared once: these specs check the requests and write the OpenAPI schemas.
+TITLE = Text(
+    min_len=1,
+    max_len=200,
+    strip=True,
+    blank=False,
+    description="Surrounding whitespace is removed before it is stored.",
+)
+CONTENT = Text(min_len=1, max_len=32_000, blank=False)
+CREDENTIALS = Body(
+    {"email": EMAIL, "password": Text(min_len=8, max_len=128)}, required=frozenset({"email", "password"})
+)
+REFRESH_TOKEN = Body({"refreshToken": Text(min_len=1, max_len=512)}, required=frozenset({"refreshToken"}))
+NEW_CHAT = Body({"title": TITLE}, may_be_empty=True)
+CHAT_RENAME = Body({"title": TITLE}, required=frozenset({"title"}))
+NEW_MESSAGE = Body({"content": CONTENT}, required=frozenset({"content"}))
+NEW_GENERATION = Body(
+    {
+        "content": Text(
+            min_len=1,
+            max_len=32_000,
+            blank=False,
+            description="Appended as the user's message, in the same transaction, before the model runs.",
+        ),
+        "model": Text(
+            min_len=1, max_len=200, description="One of GET /api/models; the default model when absent."
+        ),
+        "systemPrompt": Text(max_len=8_000),
+        "temperature": Number(0, 2),
+        "maxTokens": Number(1, 32_768, integer=True),
+    },
+    may_be_empty=True,
+)
+
+
+def _read(spec: Body) -> dict[str, Any]:
+    return spec.read(_request().raw_body)
 
 
 def _user_id() -> str:
@@ -209,18 +247,12 @@ def _client_ip() -> str:
 
 
 def _credentials() -> tuple[str, str]:
-    body = _body()
-    require_fields(body, allowed={"email", "password"}, required={"email", "password"})
-    password = text_field(body, "password", min_len=8, max_len=128)
-    assert password is not None
-    return email_field(body), password
+    body = _read(CREDENTIALS)
+    return body["email"], body["password"]
 
 
 def _refresh_token_field() -> str:
-    body = _body()
-    require_fields(body, allowed={"refreshToken"}, required={"refreshToken"})
-    token = text_field(body, "refreshToken", min_len=1, max_len=512)
-    assert token is not None
+    token: str = _read(REFRESH_TOKEN)["refreshToken"]
     return token
 
 
@@ -282,10 +314,7 @@ def list_chats() -> dict[str, Any]:
 @route("/api/chats", methods=["POST"], status=201, idempotent=True)
 def create_chat() -> dict[str, Any]:
     user_id = _user_id()
-    body = _body(allow_empty=True)
-    require_fields(body, allowed={"title"})
-    title = text_field(body, "title", min_len=1, max_len=200, strip=True)
-    return chats.create_chat(user_id=user_id, title=title)
+    return chats.create_chat(user_id=user_id, title=_read(NEW_CHAT)["title"])
 
 
 @route("/api/chats/{chat_id}", methods=["GET"])
@@ -298,11 +327,7 @@ def get_chat(chat_id: str) -> dict[str, Any]:
 def rename_chat(chat_id: str) -> dict[str, Any]:
     user_id = _user_id()
     chat_id = parse_uuid(chat_id)
-    body = _body()
-    require_fields(body, allowed={"title"}, required={"title"})
-    title = text_field(body, "title", min_len=1, max_len=200, strip=True)
-    assert title is not None
-    return chats.rename_chat(user_id=user_id, chat_id=chat_id, title=title)
+    return chats.rename_chat(user_id=user_id, chat_id=chat_id, title=_read(CHAT_RENAME)["title"])
 
 
 @route("/api/chats/{chat_id}", methods=["DELETE"])
@@ -325,11 +350,7 @@ def list_messages(chat_id: str) -> dict[str, Any]:
 def add_message(chat_id: str) -> dict[str, Any]:
     user_id = _user_id()
     chat_id = parse_uuid(chat_id)
-    body = _body()
-    require_fields(body, allowed={"content"}, required={"content"})
-    content = text_field(body, "content", min_len=1, max_len=32_000, blank=False)
-    assert content is not None
-    return chats.add_message(user_id=user_id, chat_id=chat_id, content=content)
+    return chats.add_message(user_id=user_id, chat_id=chat_id, content=_read(NEW_MESSAGE)["content"])
 
 
 # --- generations ------------------------------------------------------------------------------
@@ -344,31 +365,27 @@ def _models() -> ProviderRegistry:
     return _registry
 
 
-_GENERATION_FIELDS = {"content", "model", "systemPrompt", "temperature", "maxTokens"}
-
-
 @route("/api/chats/{chat_id}/generations", methods=["POST"], status=201, idempotent=True)
 def create_generation(chat_id: str) -> dict[str, Any]:
     user_id = _user_id()
     settings = get_settings()
     _limit("generations", user_id, settings.rate_generations, fail_closed=True)
     chat_id = parse_uuid(chat_id)
-    body = _body(allow_empty=True)
-    require_fields(body, allowed=_GENERATION_FIELDS)
-    model = text_field(body, "model", min_len=1, max_len=200) or _models().default_model
+    body = _read(NEW_GENERATION)
+    model = body["model"] or _models().default_model
     _models().resolve(model)  # unknown_model before anything is written
     if settings.daily_token_budget:
-        with db.transaction() as conn:
+        with db.read() as conn:
             if usage.tokens_today(conn, user_id=user_id) >= settings.daily_token_budget:
                 raise QuotaExceeded(f"The daily budget of {settings.daily_token_budget} tokens is used up.")
     return generations.create_generation(
         user_id=user_id,
         chat_id=chat_id,
-        content=text_field(body, "content", min_len=1, max_len=32_000, blank=False),
+        content=body["content"],
         model=model,
-        system_prompt=text_field(body, "systemPrompt", max_len=8_000),
-        temperature=number_field(body, "temperature", low=0, high=2, integer=False),
-        max_tokens=number_field(body, "maxTokens", low=1, high=32_768, integer=True),
+        system_prompt=body["systemPrompt"],
+        temperature=body["temperature"],
+        max_tokens=body["maxTokens"],
         request_id=current_request_id(),
     )
 
@@ -400,9 +417,10 @@ def get_usage() -> dict[str, Any]:
     query = _query()
     require_fields(query, allowed={"from", "to"})
     day_to = parse_day(query, "to") or utcnow().date()
-    day_from = parse_day(query, "from") or day_to - timedelta(days=29)
+    # The last 30 days through `to` (no earlier than the first day there is).
+    day_from = parse_day(query, "from") or date.fromordinal(max(1, day_to.toordinal() - 29))
     budget = get_settings().daily_token_budget
-    with db.transaction() as conn:
+    with db.read() as conn:
         reply = usage.daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
         used = usage.tokens_today(conn, user_id=user_id) if budget else 0
     reply["budget"] = (
@@ -420,6 +438,26 @@ def get_usage() -> dict[str, Any]:
 def get_health() -> Response:
     healthy, body = health.check_health()
     return Response(body=body, status_code=200 if healthy else 503, headers=_JSON)
+
+
+# The OpenAPI 3.1 description, packaged with the function (chalicelib/ ships with the app). It is built
+# from this module's request specs by infra/build_openapi.py; tests keep it equal to the routes.
+OPENAPI_PATH = Path(__file__).resolve().parent / "chalicelib" / "openapi.json"
+
+
+@functools.cache
+def _openapi_document() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    return document
+
+
+@route("/api/openapi.json", methods=["GET"])
+def get_openapi() -> dict[str, Any]:
+    """The API's description; `ModelId` lists the models this deployment serves (GET /api/models)."""
+    document = copy.deepcopy(_openapi_document())
+    model_id = document["components"]["schemas"]["ModelId"]
+    model_id["enum"] = [model["id"] for model in _models().list_models()]
+    return document
 
 
 __all__ = ["app"]

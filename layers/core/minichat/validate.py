@@ -1,4 +1,10 @@
-"""Request input checks shared by every edge: bounds from SPEC §2, unknown fields refused."""
+"""Request input checks shared by every edge: bounds from SPEC §2, unknown fields refused.
+
+Request bodies are declared once, as `Body` specs made of `Text` and `Number` fields: the same objects
+check a request and write its JSON Schema for the OpenAPI description, so the two cannot disagree.
+Every pattern here is written with explicit `\\uXXXX` character classes only, which Python's `re` and
+ECMA-262 (JSON Schema's `pattern`) read the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,27 @@ import base64
 import json
 import math
 import re
-import uuid
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 from minichat.errors import InvalidJson, NotFound, PayloadTooLarge, ValidationError
 
 __all__ = [
+    "DAY_PATTERN",
+    "EMAIL",
+    "EMAIL_PATTERN",
     "MAX_BODY_BYTES",
+    "MAX_JSON_DEPTH",
+    "NOT_BLANK_PATTERN",
+    "NO_NUL_PATTERN",
+    "UUID_PATTERN",
+    "WHITESPACE",
+    "Body",
+    "Number",
+    "Text",
     "decode_cursor",
     "email_field",
     "encode_cursor",
@@ -30,7 +47,26 @@ __all__ = [
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 32
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+# What `str.strip()` and `str.isspace()` treat as whitespace, spelled out, so the JSON Schema patterns
+# below can say exactly the same (tests compare it with str.isspace over all of Unicode).
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+_WS = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Text fields never hold NUL (PostgreSQL text cannot).
+NO_NUL_PATTERN = r"^[^\u0000]*$"
+# ... and a "not blank" one holds at least one character that is not whitespace.
+NOT_BLANK_PATTERN = rf"^[^\u0000]*[^\u0000{_WS}][^\u0000]*$"
+EMAIL_PATTERN = rf"^[^@\u0000{_WS}]+@[^@\u0000{_WS}]+\.[^@\u0000{_WS}]+$"
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+DAY_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+
+_EMAIL = re.compile(EMAIL_PATTERN)
+_UUID = re.compile(UUID_PATTERN)
+_DAY = re.compile(DAY_PATTERN)
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -43,6 +79,10 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json_object(raw: bytes | str | None, *, allow_empty: bool = False) -> dict[str, Any]:
     """Parse a request body that must be a JSON object (an empty body is `{}` when allowed)."""
     if raw is None or raw in (b"", ""):
@@ -52,7 +92,9 @@ def parse_json_object(raw: bytes | str | None, *, allow_empty: bool = False) -> 
     if len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLarge()
     try:
-        value = json.loads(raw)
+        # JSON text is UTF-8 (RFC 8259): no UTF-16/32 guessing, no BOM, no NaN or Infinity.
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        value = json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError):
         raise InvalidJson() from None
     except RecursionError:
@@ -76,6 +118,10 @@ def require_fields(
             raise ValidationError(f"Field '{name}' is required.", field=name)
 
 
+def _is_blank(value: str) -> bool:
+    return not value.strip(WHITESPACE)
+
+
 def text_field(
     body: Mapping[str, Any],
     name: str,
@@ -84,52 +130,174 @@ def text_field(
     max_len: int,
     strip: bool = False,
     blank: bool = True,
+    required: bool = False,
 ) -> str | None:
-    """A string field within length bounds; None when absent or null."""
+    """A string field within length bounds; None when absent or null (an error when `required`).
+
+    The bounds apply to the value as sent; `strip` then removes surrounding whitespace from what is
+    returned (and `blank=False` refuses a value that is whitespace only).
+    """
     value = body.get(name)
     if value is None:
+        if required:
+            raise ValidationError(f"Field '{name}' must be a string.", field=name)
         return None
     if not isinstance(value, str):
         raise ValidationError(f"Field '{name}' must be a string.", field=name)
-    if strip:
-        value = value.strip()
     if "\x00" in value:
         raise ValidationError(f"Field '{name}' must not contain NUL characters.", field=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (`"\ud800"` is valid JSON): no UTF-8 form to store
+        raise ValidationError(f"Field '{name}' must be valid Unicode text.", field=name) from None
     if not min_len <= len(value) <= max_len:
         raise ValidationError(f"Field '{name}' must be {min_len} to {max_len} characters long.", field=name)
-    if not blank and not value.strip():
+    if not blank and _is_blank(value):
         raise ValidationError(f"Field '{name}' must not be blank.", field=name)
-    return value
+    return value.strip(WHITESPACE) if strip else value
 
 
 def email_field(body: Mapping[str, Any]) -> str:
-    value = text_field(body, "email", min_len=3, max_len=254, strip=True)
-    if value is None or not _EMAIL.match(value):
-        raise ValidationError("Field 'email' must be an email address.", field="email")
+    value = EMAIL.read(body, "email", required=True)
+    assert value is not None
     return value
 
 
-def number_field(body: Mapping[str, Any], name: str, *, low: float, high: float, integer: bool) -> Any:
-    """A number within [low, high]; None when absent or null. Booleans are not numbers."""
+def number_field(
+    body: Mapping[str, Any], name: str, *, low: float, high: float, integer: bool, required: bool = False
+) -> Any:
+    """A number within [low, high]; None when absent or null. Booleans are not numbers.
+
+    An integer field takes an integer literal (`64`, not `64.0`; `Number.read` reads `64.0` as `64`).
+    """
     value = body.get(name)
     if value is None:
+        if required:
+            raise ValidationError(f"Field '{name}' must be a number.", field=name)
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(f"Field '{name}' must be a number.", field=name)
     if integer and not isinstance(value, int):
         raise ValidationError(f"Field '{name}' must be an integer.", field=name)
-    if not math.isfinite(value) or not low <= value <= high:
+    # Compared as they are: a huge integer literal has no float form (math.isfinite would raise).
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
         raise ValidationError(f"Field '{name}' must be between {low:g} and {high:g}.", field=name)
     return value
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string field: its bounds, and how it reads and describes itself."""
+
+    max_len: int
+    min_len: int = 0
+    strip: bool = False  # surrounding whitespace is removed from the stored value
+    blank: bool = True  # False: at least one character that is not whitespace
+    email: bool = False
+    description: str = ""
+
+    def read(self, body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+        value = text_field(
+            body,
+            name,
+            min_len=self.min_len,
+            max_len=self.max_len,
+            strip=self.strip,
+            blank=self.blank,
+            required=required,
+        )
+        if self.email and value is not None and not _EMAIL.fullmatch(value):
+            raise ValidationError(f"Field '{name}' must be an email address.", field=name)
+        return value
+
+    def json_schema(self, *, nullable: bool) -> dict[str, Any]:
+        if self.email:
+            pattern = EMAIL_PATTERN
+        elif not self.blank:
+            pattern = NOT_BLANK_PATTERN
+        else:
+            pattern = NO_NUL_PATTERN
+        schema: dict[str, Any] = {"type": ["string", "null"] if nullable else "string"}
+        if self.min_len:
+            schema["minLength"] = self.min_len
+        schema["maxLength"] = self.max_len
+        schema["pattern"] = pattern
+        if self.description:
+            schema["description"] = self.description
+        return schema
+
+
+EMAIL = Text(min_len=3, max_len=254, email=True, description="An email address (no whitespace).")
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number (or integer) field within [low, high]."""
+
+    low: float
+    high: float
+    integer: bool = False
+    description: str = ""
+
+    def read(self, body: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
+        value = body.get(name)
+        if self.integer and isinstance(value, float) and value.is_integer():
+            # JSON (and JSON Schema) cannot tell 64.0 from 64: an integral number is that integer.
+            body = {name: int(value)}
+        return number_field(body, name, low=self.low, high=self.high, integer=self.integer, required=required)
+
+    def json_schema(self, *, nullable: bool) -> dict[str, Any]:
+        kind = "integer" if self.integer else "number"
+        schema: dict[str, Any] = {
+            "type": [kind, "null"] if nullable else kind,
+            "minimum": self.low,
+            "maximum": self.high,
+        }
+        if self.description:
+            schema["description"] = self.description
+        return schema
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request body: a JSON object with exactly these fields (unknown ones are refused).
+
+    An optional field may be null, which reads as absent; `may_be_empty` takes no body at all as `{}`.
+    """
+
+    fields: Mapping[str, Text | Number]
+    required: frozenset[str] = field(default_factory=frozenset)
+    may_be_empty: bool = False
+
+    def read(self, raw: bytes | str | None) -> dict[str, Any]:
+        """The body's fields (None for those absent), or the first error in it."""
+        body = parse_json_object(raw, allow_empty=self.may_be_empty)
+        require_fields(body, allowed=self.fields.keys(), required=self.required)
+        return {
+            name: spec.read(body, name, required=name in self.required) for name, spec in self.fields.items()
+        }
+
+    def json_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                name: spec.json_schema(nullable=name not in self.required)
+                for name, spec in self.fields.items()
+            },
+        }
+        if self.required:
+            schema["required"] = sorted(self.required)
+        return schema
 
 
 def parse_day(query: Mapping[str, str], name: str) -> date | None:
     """A `YYYY-MM-DD` query parameter (a UTC day); None when absent."""
     raw = query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     try:
-        if len(raw) != 10:
+        if not _DAY.fullmatch(raw):
             raise ValueError(raw)
         return date.fromisoformat(raw)
     except ValueError:
@@ -137,18 +305,19 @@ def parse_day(query: Mapping[str, str], name: str) -> date | None:
 
 
 def parse_uuid(value: str | None) -> str:
-    """A path id: anything but a UUID is simply not found."""
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise NotFound() from None
+    """A path id: anything but a UUID (8-4-4-4-12 hex digits) is simply not found."""
+    if value is None or not _UUID.fullmatch(value):
+        raise NotFound()
+    return value.lower()
 
 
 def parse_limit(query: Mapping[str, str] | None, *, default: int = 50, high: int = 200) -> int:
     raw = (query or {}).get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= high:
+    # ASCII digits only (str.isdigit also takes Arabic-Indic or superscript digits), and few of them:
+    # int() refuses 4,300+ digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= high:
         raise ValidationError(f"'limit' must be an integer from 1 to {high}.", field="limit")
     return int(raw)
 
