@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -59,10 +60,11 @@ def list_chats(*, user_id: str, limit: int, cursor: str | None) -> dict[str, Any
     if position is not None:
         try:
             updated_at = datetime.fromisoformat(str(position[0]))
+            last_id = uuid.UUID(str(position[1]))
         except ValueError:
             raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor") from None
-        where = "AND (updated_at, id) < (%s, %s::uuid)"
-        params += [updated_at, str(position[1])]
+        where = "AND (updated_at, id) < (%s, %s)"
+        params += [updated_at, last_id]
     with db.read() as conn:
         rows = conn.execute(
             f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_id = %s {where}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 __all__ = [
@@ -157,6 +158,15 @@ class QuotaExceeded(MiniChatError):
     status = 429
     code = "quota_exceeded"
     default_message = "The daily token budget is used up."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message)
+        now = datetime.now(UTC)
+        midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+        self.retry_after = max(1, int((midnight - now).total_seconds()))  # the budget renews at 00:00 UTC
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UnknownModel(MiniChatError):

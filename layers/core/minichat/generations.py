@@ -143,6 +143,18 @@ def create_generation(
     except redis.RedisError as exc:
         # Fail closed: without the lock there is no cheap guard against a second generation.
         raise ServiceUnavailable("Generations are unavailable right now; retry shortly.") from exc
+    except GenerationInFlight:
+        # A chat that is missing or someone else's is 404 whatever else is running (checked only on
+        # this path, so the usual create pays no extra round trip).
+        with db.read() as conn:
+            if (
+                conn.execute(
+                    "SELECT 1 FROM chats WHERE id = %s AND user_id = %s", (chat_id, user_id)
+                ).fetchone()
+                is None
+            ):
+                raise NotFound("Chat not found.") from None
+        raise
     try:
         with db.transaction() as conn:
             owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
