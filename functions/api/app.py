@@ -378,7 +378,7 @@ def create_generation(chat_id: str) -> dict[str, Any]:
         with db.read() as conn:
             if usage.tokens_today(conn, user_id=user_id) >= settings.daily_token_budget:
                 raise QuotaExceeded(f"The daily budget of {settings.daily_token_budget} tokens is used up.")
-    return generations.create_generation(
+    reply = generations.create_generation(
         user_id=user_id,
         chat_id=chat_id,
         content=body["content"],
@@ -388,6 +388,17 @@ def create_generation(chat_id: str) -> dict[str, Any]:
         max_tokens=body["maxTokens"],
         request_id=current_request_id(),
     )
+    reply["streamUrl"] = _stage_prefix() + reply["streamUrl"]
+    return reply
+
+
+def _stage_prefix() -> str:
+    """`/{stage}` when called through API Gateway's default host, whose paths start with the stage
+    (a custom domain mapped at `/`, and local mode, have none): streamUrl must be a working path."""
+    request = _request()
+    stage = request.context.get("stage")
+    host = request.headers.get("host", "")
+    return f"/{stage}" if stage and ".execute-api." in host else ""
 
 
 @route("/api/generations/{generation_id}", methods=["GET"])
