@@ -28,6 +28,8 @@ _last_used: dict[int, float] = {}
 def _check_if_idle(conn: Conn) -> None:
     if time.monotonic() - _last_used.get(id(conn), 0.0) > _IDLE_CHECK_S:
         ConnectionPool.check_connection(conn)
+
+
 _on_commit: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
     "minichat_on_commit", default=None
 )
