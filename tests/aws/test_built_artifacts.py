@@ -423,8 +423,13 @@ def streamed(api_session: dict[str, Any], stream_server: str) -> dict[str, Any]:
         api.invoke(rest_event("POST", path, "/api/chats/{chat_id}/generations", body=body, token=token))
     )
     assert status == 201, created
+    # Behind API Gateway's default host the URL starts with the stage, which API Gateway strips before
+    # the stream function sees the request: the stream app is called without it here.
+    stage = "/" + json.loads((EVENTS / "apigateway-rest-proxy.json").read_text())["requestContext"]["stage"]
+    url = created["streamUrl"]
+    assert url.startswith(f"{stage}/api/generations/")
     with httpx.Client(base_url=stream_server, timeout=30) as client:
-        response = client.get(created["streamUrl"])
+        response = client.get(url.removeprefix(stage))
     return {"created": created, "response": response}
 
 
