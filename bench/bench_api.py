@@ -108,6 +108,22 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its direct children (local mode's worker processes)."""
+    total = _proc_cpu(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                data = handle.read()
+            if int(data[data.rindex(")") + 2 :].split()[1]) == pid:
+                total += _proc_cpu(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return total
+
+
 def _postgres_cpu() -> dict[int, float]:
     """CPU seconds of each PostgreSQL backend connected to the bench database, by pid.
 
@@ -156,7 +172,7 @@ class CpuMeter:
 
     def _read(self) -> tuple[float | None, dict[int, float] | None, float | None]:
         try:
-            srv = _proc_cpu(self.server_pid) if self.server_pid else None
+            srv = _tree_cpu(self.server_pid) if self.server_pid else None
             return srv, _postgres_cpu(), _system_busy()
         except (OSError, ValueError, IndexError):
             return None, None, None  # no /proc: CPU columns show "-"
@@ -447,6 +463,7 @@ def server_env() -> dict[str, str]:
             "RABBITMQ_URL": BROKER_URL,
             "MINICHAT_JWT_SECRET": "bench-" + secrets.token_urlsafe(48),
             "MINICHAT_LOG_LEVEL": "WARNING",
+            "MINICHAT_WORKERS": os.environ.get("MINICHAT_WORKERS", "1"),
             # Rate limits stay on (their Redis round trip is part of every request's cost) but high
             # enough never to answer 429: this measures capacity, 20 clients share one user and one IP.
             "MINICHAT_RATE_API": HIGH_RATE,
