@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from minichat_local.functions import load_function, repo_root
@@ -43,7 +45,7 @@ class LocalApp:
             await self.web(scope, receive, send)
 
 
-def build_app(*, web_dir: Path | None = None, threads: int = 32) -> LocalApp:
+def build_app(*, web_dir: Path | None = None, threads: int = 4) -> LocalApp:
     """The local-mode ASGI app, built from the same function code Lambda runs."""
     api = load_function("api").app
     stream = load_function("stream").app
@@ -51,5 +53,6 @@ def build_app(*, web_dir: Path | None = None, threads: int = 32) -> LocalApp:
     return LocalApp(
         api=ChaliceBridge(api, threads=threads),
         stream=stream,
-        web=StaticFiles(directory=str(web_dir), html=True, check_dir=False),
+        # Inside a Starlette app, so a missing file is an ordinary 404 (bare StaticFiles would raise).
+        web=Starlette(routes=[Mount("/", StaticFiles(directory=str(web_dir), html=True, check_dir=False))]),
     )

@@ -53,6 +53,32 @@ T = TypeVar("T")
 HEARTBEAT_S = 15.0  # a `: ping` at least this often while a stream is idle
 COALESCE_S = 0.004  # deltas closer together than this go out as one event (never the first one)
 _SUPERVISE_S = 0.5
+# Events gather this long before they go to the Redis Streams in one call (a `done` goes at once): with
+# 100 streams that is one round trip for dozens of events instead of one for every few. Only readers in
+# other processes wait for it; a reader here takes events in-process.
+_WRITE_BATCH_S = 0.01
+_WRITE_MAX_EVENTS = 1000  # events per script call
+# One call appends a batch of events to their Redis Streams: a pipeline of XADDs cost redis-py about
+# 15 µs of CPU per event on the event loop (packing each command, parsing each reply), this one call
+# about 4. KEYS[i] gets entry ARGV[3i-1] (the event number as its id) with field f = the frame;
+# mark ARGV[3i]: "s" the generation's first event (the TTL is set), "e" its last (field e marks the
+# end; the TTL is set again, so the buffer is kept at least ARGV[1] seconds after the end). pcall: an
+# entry that fails leaves the others written, as the pipeline did.
+_APPEND_EVENTS = """
+local ttl = ARGV[1]
+for i = 1, #KEYS do
+  local id, mark, frame = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  if mark == 'e' then
+    redis.pcall('XADD', KEYS[i], id, 'f', frame, 'e', '1')
+  else
+    redis.pcall('XADD', KEYS[i], id, 'f', frame)
+  end
+  if mark ~= '' then
+    redis.pcall('EXPIRE', KEYS[i], ttl)
+  end
+end
+return #KEYS
+"""
 _RENEW_EVERY_S = 5.0
 _PING = encode_comment("ping")
 _VALID_ROLES = ("user", "assistant", "system")
@@ -76,6 +102,7 @@ class Run:
     pending: list[str] = field(default_factory=list)
     last_emit: float = -1.0
     last_activity: float = 0.0
+    last_wake: float = 0.0  # when readers were last woken (an event, or a heartbeat)
     first_token: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -102,28 +129,46 @@ class Engine:
 
     def __init__(self, settings: Settings, *, registry: ProviderRegistry | None = None) -> None:
         self.settings = settings
-        self.registry = registry or ProviderRegistry.from_settings(settings)
+        # preload: the stream function pays the openai import at cold start, not on its first stream.
+        self.registry = registry or ProviderRegistry.from_settings(settings, preload=True)
         self.runs: dict[str, Run] = {}
-        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="minichat-db")
+        # Claims and terminal commits are mostly waits on PostgreSQL; a few threads overlap them. More
+        # would only share the GIL with the event loop, and a burst of stream opens would all finish late.
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="minichat-db")
         self._redis: redis.asyncio.Redis | None = None
         self._readers: redis.asyncio.Redis | None = None
+        self._append_events: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: list[tuple[str, int, bytes, bool]] = []
         self._outbox_ready = asyncio.Event()
+        self._outbox_end = asyncio.Event()  # a `done` is waiting: write without the batching delay
         self._closing = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         url = self.settings.redis_url
+        # driver_info=None: no CLIENT SETINFO on connect, whose library version lookup (importlib.metadata,
+        # about 0.3 ms of CPU and a round trip) ran on the event loop for every connection a burst of
+        # streams opened.
         self._redis = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=5, max_connections=200, health_check_interval=30
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            max_connections=200,
+            health_check_interval=30,
+            driver_info=None,
         )
         # Blocked XREADs each hold a connection for up to HEARTBEAT_S: their own pool, no read timeout
         # shorter than the block.
         self._readers = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=HEARTBEAT_S + 10, max_connections=10_000
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=HEARTBEAT_S + 10,
+            max_connections=10_000,
+            driver_info=None,
         )
+        self._append_events = self._redis.register_script(_APPEND_EVENTS)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._write_buffers(), name="minichat-buffer-writer"),
@@ -182,7 +227,7 @@ class Engine:
 
     def _start_run(self, row: dict[str, Any], history: list[tuple[str, str]]) -> None:
         run = Run(row=row)
-        run.last_activity = time.monotonic()
+        run.last_activity = run.last_wake = time.monotonic()
         self.runs[run.id] = run
         run.task = asyncio.get_running_loop().create_task(
             self._run(run, history), name=f"generation-{run.id}"
@@ -208,18 +253,25 @@ class Engine:
                 temperature=row["temperature"],
                 max_tokens=row["max_tokens"],
             )
-            with contextlib.suppress(RedisError):  # a cancel that arrived before the claim
-                if await self.redis.exists(generations.cancel_key(run.id)):
-                    run.stop("canceled")
-            pump = asyncio.get_running_loop().create_task(self._pump(run, provider.stream(request), usage))
-            stopper = asyncio.get_running_loop().create_task(run.stop_requested.wait())
-            # Wait on the next token and the stop flag together: a cancel lands while the model is silent.
-            await asyncio.wait((pump, stopper), return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
-            stopper.cancel()
+            loop = asyncio.get_running_loop()
+            pump = loop.create_task(self._pump(run, provider.stream(request), usage))
+            stopper = loop.create_task(run.stop_requested.wait())
+            try:
+                # A cancel that arrived before the claim left only its flag. It is read while the model
+                # call is already on its way, not before: one Redis round trip less before the first
+                # token (in a burst, every await on that path waits behind the whole event loop).
+                with contextlib.suppress(RedisError, OSError):
+                    if await self.redis.exists(generations.cancel_key(run.id)):
+                        run.stop("canceled")
+                # Wait on the next token and the stop flag together: a cancel lands while the model is
+                # silent.
+                await asyncio.wait((pump, stopper), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not pump.done():
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pump
+                stopper.cancel()
             if pump.cancelled():
                 status, error = _stopped(run.stop_reason, self.settings)
             elif (exc := pump.exception()) is not None:
@@ -228,7 +280,24 @@ class Engine:
             status, error = "failed", exc
         except Exception as exc:  # the run must always end persisted, whatever broke
             status, error = "failed", _as_error(exc, run.id)
-        await self._finish(run, status=status, error=error, usage=usage, prompt_estimate=prompt_estimate)
+        try:
+            await self._finish(run, status=status, error=error, usage=usage, prompt_estimate=prompt_estimate)
+        except Exception as exc:
+            # The terminal state could not be committed (not an outage: _persist waits those out). Left
+            # as it was, the run would stay here for good: readers pinged forever, the lock and the
+            # heartbeat renewed forever. It leaves instead: the heartbeat stops, so the reaper fails the
+            # generation and frees the user; the readers get an error and `done`.
+            log.error("generation could not be finished", generation_id=run.id, error=type(exc).__name__)
+            self._abandon(run)
+
+    def _abandon(self, run: Run) -> None:
+        if not run.finished:
+            self._emit(
+                run, {"type": "error", "code": "internal_error", "message": "The answer was not saved."}
+            )
+            self._emit(run, {"type": "done", "status": "failed"}, end=True)
+            run.finished = True
+        self.runs.pop(run.id, None)
 
     async def _pump(self, run: Run, stream: Any, usage: list[Any]) -> None:
         """Read the provider; the hot path, so it does as little as it can per token."""
@@ -270,8 +339,9 @@ class Engine:
         run.frames.append(frame)
         self._outbox.append((run.id, number, frame, end))
         self._outbox_ready.set()
-        changed, run.changed = run.changed, asyncio.Event()
-        changed.set()
+        if end:
+            self._outbox_end.set()
+        _wake(run)
 
     async def _finish(
         self,
@@ -367,22 +437,24 @@ class Engine:
         ttl = self.settings.stream_buffer_ttl
         while True:
             await self._outbox_ready.wait()
+            if not self._outbox_end.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_WRITE_BATCH_S):
+                        await self._outbox_end.wait()
             self._outbox_ready.clear()
+            self._outbox_end.clear()
             batch, self._outbox = self._outbox, []
-            if not batch:
-                continue
-            pipe = self.redis.pipeline(transaction=False)
-            for generation_id, number, frame, end in batch:
-                key = events_key(generation_id)
-                fields: dict[str, bytes] = {"f": frame, "e": b"1"} if end else {"f": frame}
-                pipe.xadd(key, fields, id=f"0-{number}")  # type: ignore[arg-type]
-                if number == 1 or end:
-                    # Kept at least `ttl` after the end; an abandoned buffer disappears on its own too.
-                    pipe.expire(key, ttl)
-            try:
-                await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                log.warning("event buffer write failed", events=len(batch), error=type(exc).__name__)
+            for start in range(0, len(batch), _WRITE_MAX_EVENTS):
+                part = batch[start : start + _WRITE_MAX_EVENTS]
+                keys: list[str] = []
+                args: list[Any] = [ttl]
+                for generation_id, number, frame, end in part:
+                    keys.append(events_key(generation_id))
+                    args += (f"0-{number}", "e" if end else "s" if number == 1 else "", frame)
+                try:
+                    await self._append_events(keys=keys, args=args)
+                except (RedisError, OSError) as exc:
+                    log.warning("event buffer write failed", events=len(part), error=type(exc).__name__)
 
     async def _listen_for_cancels(self) -> None:
         """Cancel requests arrive over pub/sub; reconnect with backoff when Redis goes away."""
@@ -406,7 +478,8 @@ class Engine:
                 delay = min(delay * 2, 5.0)
 
     async def _supervise(self) -> None:
-        """Idle timeouts every tick; lock renewal, heartbeats and a cancel-flag poll every few seconds."""
+        """Idle timeouts and readers' heartbeats every tick; lock renewal, the database heartbeat and a
+        cancel-flag poll every few seconds."""
         last_renew = 0.0
         while True:
             await asyncio.sleep(_SUPERVISE_S)
@@ -419,6 +492,8 @@ class Engine:
                 )
                 if now - run.last_activity > limit:
                     run.stop("timeout")
+                if now - run.last_wake >= HEARTBEAT_S - 2 * _SUPERVISE_S:
+                    _wake(run)  # its readers find nothing new and send a ping
             if now - last_renew >= _RENEW_EVERY_S and self.runs:
                 last_renew = now
                 try:
@@ -438,15 +513,12 @@ class Engine:
 
     # --- readers ------------------------------------------------------------------------------------
 
-    async def frames(self, opened: Opened, *, after: int) -> AsyncIterator[bytes]:
+    def frames(self, opened: Opened, *, after: int) -> AsyncIterator[bytes]:
         """The generation's SSE frames after event `after`, then live ones until `done`; pings when idle."""
         run = self.runs.get(str(opened.row["id"]))
         if run is not None:
-            async for chunk in _follow_local(run, after):
-                yield chunk
-            return
-        async for chunk in self._follow_buffer(opened.row, after):
-            yield chunk
+            return _follow_local(run, after)
+        return self._follow_buffer(opened.row, after)
 
     async def _follow_buffer(self, row: dict[str, Any], after: int) -> AsyncIterator[bytes]:
         """Follow a run in another process (or a finished one) through its Redis Stream."""
@@ -541,7 +613,16 @@ def _closing_frames(row: dict[str, Any], *, first: int) -> list[bytes]:
     return frames
 
 
+def _wake(run: Run) -> None:
+    """Wake the run's readers (each compares what it has sent with run.frames)."""
+    run.last_wake = time.monotonic()
+    changed, run.changed = run.changed, asyncio.Event()
+    changed.set()
+
+
 async def _follow_local(run: Run, after: int) -> AsyncIterator[bytes]:
+    """A run in this process: its frames from memory. No timer per wait: the supervisor wakes a run's
+    readers when it has been quiet for almost HEARTBEAT_S, and a wake with nothing new sends a ping."""
     position = max(after, 0)
     while True:
         frames = run.frames
@@ -552,11 +633,8 @@ async def _follow_local(run: Run, after: int) -> AsyncIterator[bytes]:
             continue
         if run.finished:
             return
-        changed = run.changed
-        try:
-            async with asyncio.timeout(HEARTBEAT_S):
-                await changed.wait()
-        except TimeoutError:
+        await run.changed.wait()
+        if position == len(run.frames) and not run.finished:
             yield _PING
 
 

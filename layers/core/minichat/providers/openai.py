@@ -108,16 +108,18 @@ class OpenAIProvider:
         client = self._get_client()
         loop = asyncio.get_running_loop()
         loads = json.loads
-        params: dict[str, Any] = {
-            "model": request.model,
+        # The body goes out as `extra_body`, which the client sends as it is: create()'s own arguments
+        # are first walked against their TypedDict annotations (the `transform`), about 0.5 ms of CPU for
+        # a three-message prompt and more with every turn of history, for a body that is already in wire
+        # form. `messages` must still be named; the empty list is replaced by extra_body's.
+        body: dict[str, Any] = {
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "stream": True,
             "stream_options": {"include_usage": True},
         }
         if request.temperature is not None:
-            params["temperature"] = request.temperature
+            body["temperature"] = request.temperature
         if request.max_tokens is not None:
-            params[self._max_tokens_param] = request.max_tokens
+            body[self._max_tokens_param] = request.max_tokens
 
         # Until the first token the first-token deadline holds (the role-only opening chunk does not
         # count); after it, each wait gets the idle timeout. Deadlines cover only our own waits, never
@@ -130,7 +132,9 @@ class OpenAIProvider:
             # The client sends the request, applies auth and maps HTTP errors; the body is read here
             # rather than through its AsyncStream, which builds a pydantic model per chunk (about 80 µs
             # of CPU per chunk, against under 10 µs for this loop).
-            async with client.chat.completions.with_streaming_response.create(**params) as response:
+            async with client.chat.completions.with_streaming_response.create(
+                model=request.model, messages=(), stream=True, extra_body=body
+            ) as response:
                 connected = True
                 blocks = response.http_response.aiter_bytes()
                 next_block = blocks.__anext__

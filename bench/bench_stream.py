@@ -1,0 +1,974 @@
+"""Benchmark 2: streaming through MiniChat local mode, side by side with the same upstream read directly.
+
+    python bench/bench_stream.py               # ~35 s
+    python bench/bench_stream.py --quick       # ~30 s (fewer cancel and fast-stream samples)
+    python bench/bench_stream.py --workers 2   # local mode with MINICHAT_WORKERS=2
+
+What it does, in one run:
+- starts the OpenAI-compatible stub (`python -m minichat_local.openai_stub`) and local mode
+  (`python -m minichat_local`), each in its own session (setsid) so signals meant for this terminal never
+  reach them, local mode against its own database (`minichat_bench_stream`, recreated each run, dropped at
+  the end), Redis db 11 (flushed) and RabbitMQ vhost `minichat_bench_stream` (created when missing, its
+  queues purged);
+- registers 100 users, one chat each (one generation in flight per user);
+- three rounds in a row on the same server; each round is a burst of 100 concurrent streams of
+  `stub-tokens-100-rate-50` (100 tokens at 50 tokens/s) read (a) straight from the stub, then (b) through
+  MiniChat: POST /api/chats/{id}/generations, GET its streamUrl, read the SSE to `done`. Every stream's
+  text is compared with the stub's `stub_text(100)`;
+- cancel-to-`done`: streams of a slow model, each cancelled at a random moment mid-stream (so the cancels
+  are spread over a second, not one synchronized burst); the time from sending the cancel to the `done`;
+- one stream at a time of 256 tokens sent as fast as the stub can: time-to-first-token, direct vs MiniChat;
+- the CPU time of the MiniChat server (/proc/<pid>/stat of its processes, every thread) per phase: a
+  burst of 1-token streams isolates the cost of one stream's setup and finish; the 100-token rounds, less
+  that, give the cost of relaying one token.
+
+Times: time-to-first-token (TTFT) runs from the client's first request (the POST that creates the
+generation, for MiniChat) to the first text delta; whole-stream time to the last event (`done`, or the
+upstream's [DONE]). For MiniChat the table also shows when the create's 201 and the stream's response
+headers arrived (p50, from the same start): where the time to the first token goes.
+
+The load client shares the two cores with the stub, the server, PostgreSQL, Redis and RabbitMQ, so it is
+kept cheap: aiohttp on uvloop with a hand-rolled SSE reader (one JSON parse per event). The CPU table shows
+what the client, the stub, the services and everything else on the machine used during each phase:
+figures taken while other work ran ("others") are noisier.
+
+Exit status: 0 when every target holds, 3 when a target is missed, 1 when the run could not give figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+from psycopg import sql
+
+from minichat_local.openai_stub import stub_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PG_ADMIN_URL = os.environ.get("MINICHAT_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+BENCH_DB = "minichat_bench_stream"
+DATABASE_URL = psycopg.conninfo.make_conninfo(PG_ADMIN_URL, dbname=BENCH_DB)
+REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('MINICHAT_BENCH_REDIS_DB', '11')}"
+VHOST = "minichat_bench_stream"
+BROKER_URL = os.environ.get("MINICHAT_BENCH_RABBITMQ_URL", f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+PASSWORD = "bench-password-1234"
+
+TOKENS = 100
+RATE = 50
+STREAM_MODEL = f"stub-tokens-{TOKENS}-rate-{RATE}"
+FAST_TOKENS = 256
+FAST_MODEL = f"stub-tokens-{FAST_TOKENS}-rate-0"  # rate 0: as fast as the socket takes them
+SETUP_MODEL = "stub-tokens-1"
+SLOW_MODEL = "stub-tokens-5000-rate-20"  # runs minutes unless cancelled
+MODELS = (STREAM_MODEL, FAST_MODEL, SETUP_MODEL, SLOW_MODEL)
+PROMPT = "Tell me something, token by token."
+
+# The issue's targets.
+TARGET_WHOLE_RATIO = 1.25
+AIM_WHOLE_RATIO = 1.10
+TARGET_TTFT_EXTRA_MS = 400.0
+AIM_TTFT_EXTRA_MS = 250.0
+TARGET_CANCEL_P99_MS = 250.0
+TARGET_FAST_TTFT_OVERHEAD_MS = 15.0
+
+
+class BenchError(Exception):
+    """The run cannot give figures (a server died, an unexpected reply): exit 1."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    users: int
+    rounds: int
+    cancel_waves: int
+    cancel_per_wave: int
+    fast_reps: int
+    setup_bursts: int
+
+
+FULL = Plan(users=100, rounds=3, cancel_waves=2, cancel_per_wave=50, fast_reps=30, setup_bursts=2)
+QUICK = Plan(users=100, rounds=3, cancel_waves=1, cancel_per_wave=40, fast_reps=12, setup_bursts=1)
+
+
+# --- CPU accounting (/proc) ------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int | str) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds) of one process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        data = handle.read()
+    fields = data[data.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def thread_cpu(pid: int) -> float:
+    """CPU seconds of a process's main thread alone (where its event loop runs)."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as handle:
+        data = handle.read()
+    fields = data[data.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def system_busy() -> float:
+    """CPU seconds the whole machine spent busy (or stolen) since boot."""
+    with open("/proc/stat") as handle:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(v) for v in handle.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+@dataclass
+class Cpu:
+    """CPU seconds used during a phase: the MiniChat server (its processes; `loop`: their main threads,
+    where the event loops run), the stub, this client, the services MiniChat uses (PostgreSQL backends of
+    the bench database, Redis, RabbitMQ; the last two are shared with anything else on the machine), and
+    everything else (other work on the machine: figures taken while it runs are noisier)."""
+
+    wall: float = 0.0
+    server: float = 0.0
+    server_loop: float = 0.0
+    stub: float = 0.0
+    client: float = 0.0
+    services: float = 0.0
+    others: float = 0.0
+
+
+class CpuMeter:
+    """Reads /proc before and after a phase."""
+
+    def __init__(self, server_pid: int, stub_pid: int) -> None:
+        self.server_pid = server_pid
+        self.stub_pid = stub_pid
+        self._kinds: dict[int, str] = {}  # pid → "pg" | "service" | "" (by command line, read once)
+
+    def _kind(self, pid: int) -> str:
+        kind = self._kinds.get(pid)
+        if kind is None:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    title = handle.read(300)
+            except OSError:
+                title = b""
+            if title.startswith(b"postgres: ") and f" {BENCH_DB} ".encode() in title:
+                kind = "pg"
+            elif title.startswith(b"redis-server") or b"beam.smp" in title:
+                kind = "service"
+            else:
+                kind = ""
+            self._kinds[pid] = kind
+        return kind
+
+    def _read(self) -> tuple[float, ...]:
+        wall = time.perf_counter()
+        server = loop = services = 0.0
+        serving: list[int] = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                parent, cpu = _stat(pid)
+                if pid == self.server_pid or parent == self.server_pid:
+                    # Local mode with MINICHAT_WORKERS > 1: forked workers serve, the parent supervises.
+                    server += cpu
+                    if parent == self.server_pid:
+                        serving.append(pid)
+                elif self._kind(pid):
+                    services += cpu
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+        for pid in serving or [self.server_pid]:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                loop += thread_cpu(pid)
+        return wall, server, loop, _stat(self.stub_pid)[1], time.process_time(), services, system_busy()
+
+    @contextlib.asynccontextmanager
+    async def phase(self, cpu: Cpu) -> Any:
+        start = self._read()
+        try:
+            yield cpu
+        finally:
+            end = self._read()
+            wall, srv, loop, stub, cli, services, busy = (b - a for a, b in zip(start, end, strict=True))
+            cpu.wall, cpu.server, cpu.server_loop, cpu.stub, cpu.client = wall, srv, loop, stub, cli
+            cpu.services = services
+            cpu.others = max(0.0, busy - srv - stub - cli - services)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    ok: bool = False
+    ttft: float | None = None  # seconds from the first request to the first text delta
+    total: float | None = None  # seconds from the first request to the end of the stream
+    text: str = ""
+    status: str | None = None  # MiniChat's done status
+    error: str | None = None
+    cancel_to_done: float | None = None
+    created: float | None = None  # MiniChat: seconds from the first request to the create's 201
+    opened: float | None = None  # MiniChat: ... to the stream's response headers
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def delivered_tokens(text: str, expected: str) -> int:
+    """How many of the expected tokens arrived, in order and intact."""
+    if text == expected:
+        return len(expected.split())
+    got, want = text.split(" "), expected.split(" ")
+    count = 0
+    for a, b in zip(got, want, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+@dataclass
+class Burst:
+    name: str
+    results: list[StreamResult]
+    expected: str
+    cpu: Cpu = field(default_factory=Cpu)
+
+    @property
+    def completed(self) -> int:
+        return sum(1 for r in self.results if r.ok and r.text == self.expected)
+
+    @property
+    def tokens(self) -> int:
+        return sum(delivered_tokens(r.text, self.expected) for r in self.results)
+
+    def ttfts(self) -> list[float]:
+        return [r.ttft for r in self.results if r.ttft is not None]
+
+    def totals(self) -> list[float]:
+        return [r.total for r in self.results if r.total is not None and r.ok]
+
+    def errors(self) -> list[str]:
+        return sorted({r.error or f"text mismatch / status {r.status}" for r in self.results if not r.ok})
+
+
+# --- the load client: aiohttp and a small SSE reader --------------------------------------------
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> Any:
+    """(id, data) of each event as bytes, comments skipped; LF-delimited (both servers send LF)."""
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            block, buffer = buffer[:end], buffer[end + 2 :]
+            event_id = data = None
+            for line in block.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data = line[6:] if line[5:6] == b" " else line[5:]
+                elif line.startswith(b"id:"):
+                    event_id = line[3:].strip()
+            if data is not None:
+                yield event_id, data
+
+
+class Client:
+    """The benchmark's HTTP side: one aiohttp session per target, keep-alive, no connection limit."""
+
+    def __init__(self, *, upstream: str, minichat: str) -> None:
+        self.upstream = upstream  # http://127.0.0.1:<port>/v1
+        self.minichat = minichat  # http://127.0.0.1:<port>
+        self.api = minichat  # where creates and cancels go: the same origin (a profiling run may split it)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+        self.direct_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=timeout, auto_decompress=False
+        )
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        await self.direct_session.close()
+        await self.session.close()
+
+    async def call(
+        self, method: str, path: str, expect: int, *, token: str | None = None, body: Any = None
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(method, self.minichat + path, json=body, headers=headers) as response:
+            payload = await response.read()
+            if response.status != expect:
+                raise BenchError(
+                    f"{method} {path}: expected {expect}, got {response.status}: {payload[:300]!r}"
+                )
+            return json.loads(payload) if payload else None
+
+    async def direct(self, model: str) -> StreamResult:
+        """One stream read straight from the upstream, as MiniChat's provider asks for it."""
+        result = StreamResult()
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        parts: list[str] = []
+        started = time.perf_counter()
+        try:
+            async with self.direct_session.post(
+                self.upstream + "/chat/completions", json=body, headers={"Authorization": "Bearer sk-bench"}
+            ) as response:
+                if response.status != 200:
+                    result.error = f"HTTP {response.status}"
+                    return result
+                async for _, data in sse_events(response):
+                    if data == b"[DONE]":
+                        result.ok = True
+                        break
+                    choices = json.loads(data).get("choices")
+                    if choices:
+                        text = choices[0]["delta"].get("content")
+                        if text:
+                            if result.ttft is None:
+                                result.ttft = time.perf_counter() - started
+                            parts.append(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            result.error = type(exc).__name__
+        result.total = time.perf_counter() - started
+        result.text = "".join(parts)
+        return result
+
+    async def minichat_stream(
+        self,
+        user: User,
+        model: str,
+        *,
+        cancel_after: Callable[[], float] | None = None,
+    ) -> StreamResult:
+        """Create a generation, open its streamUrl and read to `done`; optionally cancel mid-stream."""
+        result = StreamResult()
+        parts: list[str] = []
+        started = time.perf_counter()
+        headers = {"Authorization": f"Bearer {user.token}"}
+        canceller: asyncio.Task[float] | None = None
+        try:
+            async with self.session.post(
+                f"{self.api}/api/chats/{user.chat_id}/generations",
+                json={"content": PROMPT, "model": model},
+                headers=headers,
+            ) as response:
+                created = await response.read()
+                if response.status != 201:
+                    result.error = f"create HTTP {response.status}: {created[:120]!r}"
+                    return result
+            result.created = time.perf_counter() - started
+            reply = json.loads(created)
+            async with self.session.get(self.minichat + reply["streamUrl"]) as response:
+                if response.status != 200:
+                    result.error = f"stream HTTP {response.status}"
+                    return result
+                result.opened = time.perf_counter() - started
+                async for _, data in sse_events(response):
+                    event = json.loads(data)
+                    kind = event["type"]
+                    if kind == "delta":
+                        if result.ttft is None:
+                            result.ttft = time.perf_counter() - started
+                            if cancel_after is not None:
+                                canceller = asyncio.create_task(
+                                    self._cancel_later(user, reply["generationId"], cancel_after())
+                                )
+                        parts.append(event["delta"])
+                    elif kind == "done":
+                        done_at = time.perf_counter()
+                        result.status = event["status"]
+                        result.ok = result.status == ("canceled" if cancel_after else "succeeded")
+                        if canceller is not None:
+                            sent = await canceller
+                            result.cancel_to_done = done_at - sent
+                            canceller = None
+                        break
+                    elif kind == "error":
+                        result.error = f"error event {event.get('code')}"
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            result.error = type(exc).__name__
+        finally:
+            if canceller is not None:
+                canceller.cancel()
+        result.total = time.perf_counter() - started
+        result.text = "".join(parts)
+        if result.ok and cancel_after is None and result.text == "":
+            result.ok = False
+        return result
+
+    async def _cancel_later(self, user: User, generation_id: str, delay: float) -> float:
+        """Cancel after `delay` seconds; the moment the cancel request was sent."""
+        await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        async with self.session.post(
+            f"{self.api}/api/generations/{generation_id}/cancel",
+            headers={"Authorization": f"Bearer {user.token}"},
+        ) as response:
+            await response.read()
+            if response.status != 200:
+                raise BenchError(f"cancel: HTTP {response.status}")
+        return sent
+
+
+@dataclass(frozen=True)
+class User:
+    token: str
+    chat_id: str
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Any
+
+    def tail(self, lines: int = 25) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited with status {self.proc.returncode}:\n{self.tail()}")
+
+    async def wait_ready(self, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                self.check_alive()
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"{self.name} did not answer {url} within {timeout:.0f} s:\n{self.tail()}"
+                    )
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM to this process (by its pid only), then wait; SIGKILL if it will not go."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], port: int) -> Server:
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; read by tail()
+    # Its own session: a signal sent to this terminal's process group (Ctrl-C, a job control stop, a
+    # harness cleaning up) must not reach the servers mid-run; they are stopped by pid at the end.
+    proc = subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return Server(name, proc, port, log)
+
+
+def base_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MINICHAT_", "AWS_", "OPENAI_"))
+        and k not in ("DATABASE_URL", "REDIS_URL", "RABBITMQ_URL")
+    }
+
+
+def server_env(upstream: str, workers: int | None = None) -> dict[str, str]:
+    env = base_env()
+    env.update(
+        {
+            "MINICHAT_ENV": "local",
+            "MINICHAT_ROOT": str(ROOT),
+            "DATABASE_URL": DATABASE_URL,
+            "REDIS_URL": REDIS_URL,
+            "RABBITMQ_URL": BROKER_URL,
+            "MINICHAT_JWT_SECRET": "bench-" + secrets.token_urlsafe(48),
+            "MINICHAT_LOG_LEVEL": "WARNING",
+            "OPENAI_BASE_URL": upstream,
+            "OPENAI_API_KEY": "sk-bench",
+            "MINICHAT_OPENAI_MODELS": ",".join(MODELS),
+            "MINICHAT_DEFAULT_MODEL": STREAM_MODEL,
+            # 100 users register from one address within seconds; registration is not what is measured.
+            "MINICHAT_RATE_LOGIN_IP": "100000/60",
+        }
+    )
+    if workers:
+        env["MINICHAT_WORKERS"] = str(workers)
+    return env
+
+
+def drop_database() -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(BENCH_DB)))
+
+
+def ensure_vhost() -> None:
+    """The bench's RabbitMQ vhost (local mode's relay and consumer need one), created when missing, its
+    queues emptied: events an earlier run published but did not consume would otherwise be consumed
+    (and dead-lettered: their users are gone) by this run's server, on its CPU."""
+    import pika
+    import pika.exceptions
+
+    from minichat import broker
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    except pika.exceptions.AMQPError:
+        for argv in (
+            ["rabbitmqctl", "add_vhost", VHOST],
+            ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
+        ):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        return
+    try:
+        for queue in broker.QUEUES:
+            for name in (queue, broker.dead_letter_queue(queue)):
+                channel = connection.channel()
+                try:
+                    channel.queue_purge(name)
+                    channel.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    pass  # not declared yet: nothing to purge
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+
+
+def flush_redis() -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+# --- the phases -------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    number: int
+    direct: Burst
+    minichat: Burst
+
+
+@dataclass
+class Report:
+    plan: Plan
+    workers: int | None = None
+    rounds: list[Round] = field(default_factory=list)
+    cancel: list[StreamResult] = field(default_factory=list)
+    cancel_cpu: Cpu = field(default_factory=Cpu)
+    fast_direct: list[StreamResult] = field(default_factory=list)
+    fast_minichat: list[StreamResult] = field(default_factory=list)
+    setup: list[Burst] = field(default_factory=list)
+
+
+async def burst(name: str, meter: CpuMeter, expected: str, runs: list[Awaitable[StreamResult]]) -> Burst:
+    cpu = Cpu()
+    async with meter.phase(cpu):
+        results = await asyncio.gather(*runs)
+    return Burst(name, list(results), expected, cpu)
+
+
+async def register(client: Client, count: int) -> list[User]:
+    """`count` users, one chat each (registration hashes a password: a few at a time)."""
+    semaphore = asyncio.Semaphore(4)
+
+    async def one(i: int) -> User:
+        async with semaphore:
+            auth = await client.call(
+                "POST",
+                "/api/auth/register",
+                201,
+                body={"email": f"stream{i}-{secrets.token_hex(3)}@example.com", "password": PASSWORD},
+            )
+            chat = await client.call(
+                "POST", "/api/chats", 201, token=auth["accessToken"], body={"title": "bench"}
+            )
+            return User(token=auth["accessToken"], chat_id=chat["id"])
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def run_phases(
+    plan: Plan,
+    client: Client,
+    meter: CpuMeter,
+    report: Report,
+    log: Callable[[str], None],
+    profile: Callable[[], Any] | None = None,
+) -> None:
+    users = await register(client, plan.users)
+    log(f"registered {len(users)} users")
+
+    # One stream each way first: the server is up and both paths work before anything is timed.
+    for check in (await client.direct(SETUP_MODEL), await client.minichat_stream(users[0], SETUP_MODEL)):
+        if not check.ok or check.text != stub_text(1):
+            raise BenchError(f"a first stream failed: {check}")
+
+    expected = stub_text(TOKENS)
+    profiler = profile() if profile is not None else None
+    for number in range(1, plan.rounds + 1):
+        direct = await burst("direct", meter, expected, [client.direct(STREAM_MODEL) for _ in users])
+        await asyncio.sleep(0.3)
+        minichat = await burst(
+            "minichat", meter, expected, [client.minichat_stream(u, STREAM_MODEL) for u in users]
+        )
+        report.rounds.append(Round(number, direct, minichat))
+        log(
+            f"round {number}: whole p50 {pct(direct.totals(), 50):.3f}s / {pct(minichat.totals(), 50):.3f}s, "
+            f"ttft p50 {pct(direct.ttfts(), 50) * 1000:.0f}ms / {pct(minichat.ttfts(), 50) * 1000:.0f}ms, "
+            f"completed {direct.completed}/{minichat.completed}"
+        )
+        await asyncio.sleep(0.3)
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        profiler.wait(timeout=60)
+
+    # Setup cost: bursts of 1-token streams (create + open + claim + one token + finish).
+    for _ in range(plan.setup_bursts):
+        setup = await burst(
+            "setup", meter, stub_text(1), [client.minichat_stream(u, SETUP_MODEL) for u in users]
+        )
+        report.setup.append(setup)
+        await asyncio.sleep(0.3)
+    log("setup bursts done")
+
+    # 256 tokens as fast as the upstream sends them, one stream at a time, the two paths alternating.
+    fast = stub_text(FAST_TOKENS)
+    for i in range(plan.fast_reps):
+        d = await client.direct(FAST_MODEL)
+        m = await client.minichat_stream(users[i % len(users)], FAST_MODEL)
+        for r in (d, m):
+            if r.text != fast:
+                r.ok = False
+        report.fast_direct.append(d)
+        report.fast_minichat.append(m)
+        await asyncio.sleep(0.02)
+    log("fast streams done")
+
+    # Cancel-to-done: slow streams, each cancelled 0.3-1.3 s after its first delta.
+    rng = random.Random(7)
+    async with meter.phase(report.cancel_cpu):
+        for _ in range(plan.cancel_waves):
+            wave = await asyncio.gather(
+                *(
+                    client.minichat_stream(u, SLOW_MODEL, cancel_after=lambda: rng.uniform(0.3, 1.3))
+                    for u in users[: plan.cancel_per_wave]
+                )
+            )
+            report.cancel.extend(wave)
+            await asyncio.sleep(0.3)
+    log("cancels done")
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def mark(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def render(report: Report) -> tuple[str, bool]:
+    lines: list[str] = []
+    all_ok = True
+    plan = report.plan
+    out = lines.append
+
+    out("")
+    out(
+        f"Streaming: {plan.users} concurrent streams of {TOKENS} tokens at {RATE} tokens/s "
+        f"({STREAM_MODEL}), direct vs through MiniChat local mode"
+        f" ({f'MINICHAT_WORKERS={report.workers}' if report.workers else 'one process'}),"
+        f" {plan.rounds} rounds on one server"
+    )
+    out(
+        f"{'':8}{'path':10}{'streams':>9}{'tokens':>13}{'TTFT p50':>10}{'p99':>7}{'whole p50':>11}{'p99':>7}"
+        f"{'201 p50':>9}{'open p50':>10}"
+    )
+    out(f"{'':8}{'':10}{'':>9}{'':>13}{'ms':>10}{'ms':>7}{'ms':>11}{'ms':>7}{'ms':>9}{'ms':>10}")
+    for r in report.rounds:
+        for b in (r.direct, r.minichat):
+            n = len(b.results)
+            created = [x.created for x in b.results if x.created is not None]
+            opened = [x.opened for x in b.results if x.opened is not None]
+            steps = f"{ms(pct(created, 50)):>9}{ms(pct(opened, 50)):>10}" if created else ""
+            out(
+                f"{('round ' + str(r.number)) if b is r.direct else '':8}{b.name:10}"
+                f"{b.completed:>5}/{n:<3}{b.tokens:>7}/{n * TOKENS:<5}"
+                f"{ms(pct(b.ttfts(), 50)):>10}{ms(pct(b.ttfts(), 99)):>7}"
+                f"{ms(pct(b.totals(), 50)):>11}{ms(pct(b.totals(), 99)):>7}{steps}"
+            )
+            if b.errors():
+                out(f"{'':18}lost: {'; '.join(b.errors())[:200]}")
+        ratio = pct(r.minichat.totals(), 50) / pct(r.direct.totals(), 50)
+        extra = (pct(r.minichat.ttfts(), 50) - pct(r.direct.ttfts(), 50)) * 1000
+        lost_ok = (
+            r.minichat.completed == len(r.minichat.results)
+            and r.minichat.tokens == len(r.minichat.results) * TOKENS
+        )
+        ratio_ok = ratio <= TARGET_WHOLE_RATIO
+        extra_ok = extra <= TARGET_TTFT_EXTRA_MS
+        all_ok = all_ok and lost_ok and ratio_ok and extra_ok
+        p99_ratio = pct(r.minichat.totals(), 99) / pct(r.direct.totals(), 99)
+        out(
+            f"{'':8}{'vs direct':10}{'lost ' + ('0' if lost_ok else 'SOME'):>9}{'':13}"
+            f"{extra:>+8.0f}ms{'':7}{ratio:>10.3f}x{p99_ratio:>6.2f}x"
+        )
+        out(
+            f"{'':18}targets: no stream lost {mark(lost_ok)}; whole p50 ≤ {TARGET_WHOLE_RATIO}x"
+            f" (aim {AIM_WHOLE_RATIO}x) {mark(ratio_ok)}; TTFT p50 ≤ +{TARGET_TTFT_EXTRA_MS:.0f} ms"
+            f" (aim +{AIM_TTFT_EXTRA_MS:.0f}) {mark(extra_ok)}"
+        )
+
+    out("")
+    samples = [r.cancel_to_done for r in report.cancel if r.cancel_to_done is not None]
+    bad = [r for r in report.cancel if not r.ok or r.cancel_to_done is None]
+    cancel_ok = bool(samples) and not bad and pct(samples, 99) * 1000 <= TARGET_CANCEL_P99_MS
+    all_ok = all_ok and cancel_ok
+    out(
+        f"Cancel → done ({SLOW_MODEL}, {plan.cancel_waves} wave(s) of {plan.cancel_per_wave}"
+        " concurrent streams, each cancelled 0.3-1.3 s after its first delta)"
+    )
+    if samples:
+        out(
+            f"  samples {len(samples)}  p50 {pct(samples, 50) * 1000:.1f} ms"
+            f"  p90 {pct(samples, 90) * 1000:.1f} ms  p99 {pct(samples, 99) * 1000:.1f} ms"
+            f"  max {max(samples) * 1000:.1f} ms"
+            f"   target p99 ≤ {TARGET_CANCEL_P99_MS:.0f} ms: {mark(cancel_ok)}"
+        )
+    if bad:
+        reasons = sorted({r.error or f"status {r.status}" for r in bad})
+        out(f"  {len(bad)} stream(s) did not end canceled: {'; '.join(reasons)[:200]}")
+
+    out("")
+    fd = [r.ttft for r in report.fast_direct if r.ttft is not None and r.ok]
+    fm = [r.ttft for r in report.fast_minichat if r.ttft is not None and r.ok]
+    fdw = [r.total for r in report.fast_direct if r.total is not None and r.ok]
+    fmw = [r.total for r in report.fast_minichat if r.total is not None and r.ok]
+    fast_lost = len(report.fast_direct) + len(report.fast_minichat) - len(fd) - len(fm)
+    overhead = (pct(fm, 50) - pct(fd, 50)) * 1000
+    paired = [
+        (m.ttft - d.ttft) * 1000
+        for d, m in zip(report.fast_direct, report.fast_minichat, strict=True)
+        if d.ttft is not None and m.ttft is not None and d.ok and m.ok
+    ]
+    fast_ok = overhead <= TARGET_FAST_TTFT_OVERHEAD_MS and fast_lost == 0
+    all_ok = all_ok and fast_ok
+    out(
+        f"One stream of {FAST_TOKENS} tokens as fast as the upstream sends ({FAST_MODEL}),"
+        f" {plan.fast_reps} repetitions each, one at a time"
+    )
+    out(
+        f"  TTFT p50 direct {pct(fd, 50) * 1000:.2f} ms, MiniChat {pct(fm, 50) * 1000:.2f} ms;"
+        f" overhead p50 {overhead:.2f} ms (paired p50 {pct(paired, 50):.2f}, p90 {pct(paired, 90):.2f})"
+        f"   target ≤ {TARGET_FAST_TTFT_OVERHEAD_MS:.0f} ms: {mark(fast_ok)}"
+    )
+    out(
+        f"  whole stream p50 direct {pct(fdw, 50) * 1000:.1f} ms, MiniChat {pct(fmw, 50) * 1000:.1f} ms"
+        + (f"; {fast_lost} stream(s) incomplete" if fast_lost else "")
+    )
+
+    out("")
+    out(
+        "CPU of the MiniChat server (all its threads and processes; 'loop': the main thread of each serving"
+        " process, where its event loop runs)"
+    )
+    per_setup = [s.cpu.server / len(s.results) for s in report.setup]
+    setup_s = sum(per_setup) / len(per_setup) if per_setup else float("nan")
+    setup_loop = sum(s.cpu.server_loop / len(s.results) for s in report.setup) / max(1, len(report.setup))
+    per_token = []
+    per_token_loop = []
+    for r in report.rounds:
+        n = len(r.minichat.results)
+        per_token.append((r.minichat.cpu.server - n * setup_s) / max(1, r.minichat.tokens - n))
+        per_token_loop.append((r.minichat.cpu.server_loop - n * setup_loop) / max(1, r.minichat.tokens - n))
+    out(
+        f"  one stream's setup and finish (1-token streams, {len(report.setup)} burst(s) of {plan.users}):"
+        f" {setup_s * 1000:.2f} ms (loop {setup_loop * 1000:.2f} ms)"
+    )
+    out(
+        f"  one relayed token ({STREAM_MODEL} rounds, less the setup): "
+        + ", ".join(f"{t * 1e6:.0f} µs" for t in per_token)
+        + f" (loop {', '.join(f'{t * 1e6:.0f}' for t in per_token_loop)} µs)"
+    )
+    out(
+        f"  {'phase':22}{'wall s':>7}{'server':>8}{'loop':>7}{'stub':>7}{'client':>7}"
+        f"{'pg+redis+mq':>12}{'others':>7}   (CPU seconds)"
+    )
+
+    def cpu_row(name: str, cpu: Cpu) -> None:
+        out(
+            f"  {name:22}{cpu.wall:>7.2f}{cpu.server:>8.2f}{cpu.server_loop:>7.2f}{cpu.stub:>7.2f}"
+            f"{cpu.client:>7.2f}{cpu.services:>12.2f}{cpu.others:>7.2f}"
+        )
+
+    for r in report.rounds:
+        cpu_row(f"round {r.number} direct", r.direct.cpu)
+        cpu_row(f"round {r.number} minichat", r.minichat.cpu)
+    for i, s in enumerate(report.setup, 1):
+        cpu_row(f"setup burst {i}", s.cpu)
+    cpu_row("cancel waves", report.cancel_cpu)
+    out("")
+    out(f"All targets: {'met' if all_ok else 'MISSED'}")
+    return "\n".join(lines), all_ok
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+async def main_async(plan: Plan, args: argparse.Namespace) -> int:
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    python = sys.executable
+    stub_port, api_port = free_port(), free_port()
+    ensure_vhost()
+    drop_database()
+    flush_redis()
+    stub = spawn(
+        "stub",
+        [
+            python,
+            "-m",
+            "minichat_local.openai_stub",
+            "--port",
+            str(stub_port),
+            "--tokens",
+            str(TOKENS),
+            "--rate",
+            str(RATE),
+        ],
+        base_env(),
+        stub_port,
+    )
+    upstream = f"http://127.0.0.1:{stub_port}/v1"
+    server: Server | None = None
+    client: Client | None = None
+    try:
+        server = spawn(
+            "minichat",
+            [python, "-m", "minichat_local", "--port", str(api_port)],
+            server_env(upstream, args.workers),
+            api_port,
+        )
+        await stub.wait_ready(upstream + "/models")
+        await server.wait_ready(f"http://127.0.0.1:{api_port}/api/health")
+        log(f"stub pid {stub.proc.pid} on {stub_port}, minichat pid {server.proc.pid} on {api_port}")
+        client = Client(upstream=upstream, minichat=f"http://127.0.0.1:{api_port}")
+        meter = CpuMeter(server.proc.pid, stub.proc.pid)
+        report = Report(plan, workers=args.workers)
+        profile_path = args.profile
+        try:
+            pid = server.proc.pid
+
+            def profile() -> subprocess.Popen[bytes]:
+                # The server's Python stacks during the rounds, the thread holding the GIL only (where
+                # the one core a server process can use goes). Sampling pauses the process: the rounds'
+                # figures are not comparable with an unprofiled run.
+                spy = str(Path(sys.executable).with_name("py-spy"))
+                argv = [spy, "record", "--pid", str(pid), "--rate", "50", "--gil", "--format", "raw"]
+                return subprocess.Popen([*argv, "-o", str(profile_path)], stdout=subprocess.DEVNULL)
+
+            await run_phases(plan, client, meter, report, log, profile if profile_path else None)
+        finally:
+            server.check_alive()
+            stub.check_alive()
+        text, ok = render(report)
+        print(text, flush=True)
+        if any(b.completed != len(b.results) for r in report.rounds for b in (r.direct, r.minichat)):
+            print(f"\nminichat log (last lines):\n{server.tail(15)}", file=sys.stderr)
+        return 0 if ok else 3
+    finally:
+        if client is not None:
+            await client.close()
+        if server is not None:
+            server.stop()
+        stub.stop()
+        if not args.keep:
+            with contextlib.suppress(psycopg.Error):
+                drop_database()
+            with contextlib.suppress(Exception):
+                flush_redis()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cancel and fast-stream samples (< 60 s)")
+    parser.add_argument("--keep", action="store_true", help="keep the database and Redis data afterwards")
+    parser.add_argument(
+        "--profile", metavar="PATH", help="record the server with py-spy during the rounds (raw stacks)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="MINICHAT_WORKERS for local mode (default: unset, local mode's own default of one process)",
+    )
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    import uvloop  # comes with uvicorn[standard]; the load client runs on it, as the servers do
+
+    try:
+        return uvloop.run(main_async(plan, args))
+    except BenchError as exc:
+        print(f"bench_stream: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
