@@ -1,6 +1,6 @@
 """`python -m minichat_local`: migrate, then serve everything on 127.0.0.1:${PORT:-8000} until Ctrl-C.
 
-The listening socket is opened once; `MINICHAT_WORKERS` processes (default 1)
+The listening socket is opened once; `MINICHAT_WORKERS` processes (default: one per core, at most 4)
 serve it, each a full local-mode server (REST through Chalice, the stream app). The supervisor runs the
 background services once: the outbox relay, the reaper and the RabbitMQ consumer that feeds the worker.
 """
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("MINICHAT_WORKERS") or 0))
     args = parser.parse_args(argv)
-    workers = args.workers or 1
+    workers = args.workers or min(4, os.cpu_count() or 1)
 
     from minichat_local.functions import repo_root
 

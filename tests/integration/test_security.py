@@ -896,31 +896,16 @@ def test_request_ids_are_only_echoed_when_safe(api: Api) -> None:
 # --- found by this suite, to be fixed outside the API function (see the report) -------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local mode: StaticFiles raises HTTPException(404) outside a Starlette app, so an unknown "
-    "non-API path is a plain-text 500 (fix in local/minichat_local/server.py)",
-)
 def test_an_unknown_page_is_404(api: Api) -> None:
     r = api.http.get("/no-such-page")
     assert r.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local mode: chalice.local matches routes with urllib.parse, which deletes tab, CR and LF from "
-    "the path, so `{id}%0A` is `{id}` (API Gateway would answer 404; fix in local/minichat_local/gateway.py)",
-)
 def test_an_id_with_a_line_break_is_not_that_id(api: Api, world: World) -> None:
     r = api.request("GET", f"/api/chats/{world.chat['id']}%0A", user=world.owner)
     assert_error(r, 404, "not_found")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the stream app's catch-all route answers a wrong method on the stream path with 404, not "
-    "405 method_not_allowed with Allow: GET (fix in functions/stream/app.py)",
-)
 def test_a_wrong_method_on_the_stream_is_405(api: Api, world: World) -> None:
     r = api.request("POST", f"/api/generations/{world.done_generation}/stream", user=world.owner)
     assert_error(r, 405, "method_not_allowed")

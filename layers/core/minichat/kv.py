@@ -27,6 +27,7 @@ def get_redis() -> redis.Redis:
                     socket_timeout=2,
                     health_check_interval=30,
                     max_connections=64,
+                    driver_info=None,  # no importlib.metadata lookup on every new connection
                 )
     return _client
 
