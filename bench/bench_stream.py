@@ -734,7 +734,7 @@ def render(report: Report) -> tuple[str, bool]:
     out(
         f"Streaming: {plan.users} concurrent streams of {TOKENS} tokens at {RATE} tokens/s "
         f"({STREAM_MODEL}), direct vs through MiniChat local mode"
-        f" ({f'MINICHAT_WORKERS={report.workers}' if report.workers else 'one process'}),"
+        f" ({f'MINICHAT_WORKERS={report.workers}' if report.workers else 'default workers: one per core'}),"
         f" {plan.rounds} rounds on one server"
     )
     out(
@@ -957,7 +957,7 @@ def main() -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        help="MINICHAT_WORKERS for local mode (default: unset, local mode's own default of one process)",
+        help="MINICHAT_WORKERS for local mode (default: unset: local mode's default, one per core)",
     )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
