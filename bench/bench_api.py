@@ -449,6 +449,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str], port: int) -> Server:
 
 
 def server_env() -> dict[str, str]:
+    """Local mode's environment: the bench's own services; MINICHAT_WORKERS passes through when set."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -463,7 +464,6 @@ def server_env() -> dict[str, str]:
             "RABBITMQ_URL": BROKER_URL,
             "MINICHAT_JWT_SECRET": "bench-" + secrets.token_urlsafe(48),
             "MINICHAT_LOG_LEVEL": "WARNING",
-            "MINICHAT_WORKERS": os.environ.get("MINICHAT_WORKERS", "1"),
             # Rate limits stay on (their Redis round trip is part of every request's cost) but high
             # enough never to answer 429: this measures capacity, 20 clients share one user and one IP.
             "MINICHAT_RATE_API": HIGH_RATE,
@@ -471,6 +471,8 @@ def server_env() -> dict[str, str]:
             "MINICHAT_RATE_LOGIN_IP": HIGH_RATE,
         }
     )
+    if os.environ.get("MINICHAT_WORKERS"):
+        env["MINICHAT_WORKERS"] = os.environ["MINICHAT_WORKERS"]
     return env
 
 
