@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from minichat.validate import parse_uuid
 
 setup_logging(get_settings().log_level)
 log = get_logger("minichat.stream")
+_STREAM_PATH = re.compile(r"^/api/generations/[^/]+/stream/?$")
 _TICKET_GRACE_S = 600  # a ticket keeps working 10 minutes after its generation ends
 
 
@@ -92,12 +94,11 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def wrong_method(request: Request) -> Response:
-    return _error(MethodNotAllowed("GET"), accept_request_id(request.headers.get("x-request-id")))
-
-
 async def not_found(request: Request) -> Response:
-    return _error(NotFound("No such route."), accept_request_id(request.headers.get("x-request-id")))
+    request_id = accept_request_id(request.headers.get("x-request-id"))
+    if request.method != "GET" and _STREAM_PATH.match(request.url.path):
+        return _error(MethodNotAllowed("GET"), request_id)  # the stream exists; only GET opens it
+    return _error(NotFound("No such route."), request_id)
 
 
 @contextlib.asynccontextmanager
@@ -114,11 +115,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
 app = Starlette(
     routes=[
         Route("/api/generations/{generation_id}/stream", stream, methods=["GET"]),
-        Route(
-            "/api/generations/{generation_id}/stream",
-            wrong_method,
-            methods=["POST", "PUT", "PATCH", "DELETE"],
-        ),
         Route("/_ready", ready, methods=["GET"]),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ],
