@@ -171,6 +171,15 @@ def _new_refresh_token(
     return token
 
 
+def _start_session(conn: db.Conn, *, user_id: str, action: str, settings: Settings) -> str:
+    """A new refresh-token family (its first token) and the audit event, in the caller's transaction."""
+    token = _new_refresh_token(
+        conn, user_id=user_id, family_id=str(uuid.uuid4()), expires_at=None, parent_id=None, settings=settings
+    )
+    events.record_audit(conn, user_id=user_id, action=action, metadata={})
+    return token
+
+
 def _auth_reply(user: dict[str, Any], refresh_token: str, settings: Settings) -> dict[str, Any]:
     return {
         "user": user_out(user),
@@ -199,15 +208,7 @@ def register(*, email: str, password: str) -> dict[str, Any]:
             user = None
         if user is None:
             raise EmailTaken()
-        token = _new_refresh_token(
-            conn,
-            user_id=user["id"],
-            family_id=str(uuid.uuid4()),
-            expires_at=None,
-            parent_id=None,
-            settings=settings,
-        )
-        events.record_audit(conn, user_id=user["id"], action="user.registered", metadata={})
+        token = _start_session(conn, user_id=user["id"], action="user.registered", settings=settings)
     return _auth_reply(user, token, settings)
 
 
@@ -223,15 +224,7 @@ def login(*, email: str, password: str) -> dict[str, Any]:
     if user is None or not ok:
         raise InvalidCredentials()
     with db.transaction() as conn:
-        token = _new_refresh_token(
-            conn,
-            user_id=user["id"],
-            family_id=str(uuid.uuid4()),
-            expires_at=None,
-            parent_id=None,
-            settings=settings,
-        )
-        events.record_audit(conn, user_id=user["id"], action="user.login", metadata={})
+        token = _start_session(conn, user_id=user["id"], action="user.login", settings=settings)
     return _auth_reply(user, token, settings)
 
 
