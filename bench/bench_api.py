@@ -33,11 +33,8 @@ import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -46,8 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
+
+import benchlib
+from benchlib import BenchError, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("MINICHAT_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -74,10 +73,6 @@ LIST_SQL = """
     WHERE c.id = %s AND c.user_id = %s
     ORDER BY m.seq
 """
-
-
-class BenchError(Exception):
-    """The run cannot give figures (server down, unexpected reply): exit non-zero."""
 
 
 @dataclass(frozen=True)
@@ -389,28 +384,7 @@ def timed_loop(name: str, fn: Callable[[], object], *, warmup: float, seconds: f
 # --- processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Any
-
-    def tail(self, lines: int = 25) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with status {self.proc.returncode}:\n{self.tail()}")
-
+class Server(ServerProcess):
     async def wait_ready(self, path: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         raw = build_request("GET", path, self.port)
@@ -429,23 +403,9 @@ class Server:
                 raise BenchError(f"{self.name} did not answer {path} within {timeout:.0f} s:\n{self.tail()}")
             await asyncio.sleep(0.1)
 
-    def stop(self) -> int | None:
-        """SIGTERM, then wait; its exit status (None when it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        return self.proc.returncode
-
 
 def spawn(name: str, argv: list[str], env: dict[str, str], port: int) -> Server:
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; read by tail()
-    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    return Server(name, proc, port, log)
+    return Server.spawn(name, argv, env, port)
 
 
 def server_env() -> dict[str, str]:
@@ -501,37 +461,15 @@ def serve_hello(port: int) -> None:
 
 
 def drop_database() -> None:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(BENCH_DB)))
+    benchlib.drop_database(PG_ADMIN_URL, BENCH_DB)
 
 
 def ensure_vhost() -> None:
-    """The bench's RabbitMQ vhost, created with rabbitmqctl when missing (local mode's preflight
-    then names the problem if it still cannot be reached)."""
-    import pika
-    import pika.exceptions
-
-    try:
-        pika.BlockingConnection(pika.URLParameters(BROKER_URL)).close()
-        return
-    except pika.exceptions.AMQPError:
-        pass
-    for argv in (
-        ["rabbitmqctl", "add_vhost", VHOST],
-        ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
-    ):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    benchlib.ensure_vhost(BROKER_URL, VHOST, purge=False)
 
 
 def flush_redis() -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    benchlib.flush_redis(REDIS_URL)
 
 
 # --- cold start -------------------------------------------------------------------------------

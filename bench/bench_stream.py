@@ -45,10 +45,8 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -57,8 +55,9 @@ from typing import Any
 
 import aiohttp
 import psycopg
-from psycopg import sql
 
+import benchlib
+from benchlib import BenchError, ServerProcess, free_port
 from minichat_local.openai_stub import stub_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +87,6 @@ TARGET_TTFT_EXTRA_MS = 400.0
 AIM_TTFT_EXTRA_MS = 250.0
 TARGET_CANCEL_P99_MS = 250.0
 TARGET_FAST_TTFT_OVERHEAD_MS = 15.0
-
-
-class BenchError(Exception):
-    """The run cannot give figures (a server died, an unexpected reply): exit 1."""
 
 
 @dataclass(frozen=True)
@@ -453,28 +448,7 @@ class User:
 # --- processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Any
-
-    def tail(self, lines: int = 25) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with status {self.proc.returncode}:\n{self.tail()}")
-
+class Server(ServerProcess):
     async def wait_ready(self, url: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
@@ -490,25 +464,9 @@ class Server:
                     )
                 await asyncio.sleep(0.1)
 
-    def stop(self) -> None:
-        """SIGTERM to this process (by its pid only), then wait; SIGKILL if it will not go."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def spawn(name: str, argv: list[str], env: dict[str, str], port: int) -> Server:
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; read by tail()
-    # Its own session: a signal sent to this terminal's process group (Ctrl-C, a job control stop, a
-    # harness cleaning up) must not reach the servers mid-run; they are stopped by pid at the end.
-    proc = subprocess.Popen(
-        argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    return Server(name, proc, port, log)
+    return Server.spawn(name, argv, env, port)
 
 
 def base_env() -> dict[str, str]:
@@ -545,51 +503,15 @@ def server_env(upstream: str, workers: int | None = None) -> dict[str, str]:
 
 
 def drop_database() -> None:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(BENCH_DB)))
+    benchlib.drop_database(PG_ADMIN_URL, BENCH_DB)
 
 
 def ensure_vhost() -> None:
-    """The bench's RabbitMQ vhost (local mode's relay and consumer need one), created when missing, its
-    queues emptied: events an earlier run published but did not consume would otherwise be consumed
-    (and dead-lettered: their users are gone) by this run's server, on its CPU."""
-    import pika
-    import pika.exceptions
-
-    from minichat import broker
-
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-    except pika.exceptions.AMQPError:
-        for argv in (
-            ["rabbitmqctl", "add_vhost", VHOST],
-            ["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
-        ):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(argv, capture_output=True, timeout=60, check=False)
-        return
-    try:
-        for queue in broker.QUEUES:
-            for name in (queue, broker.dead_letter_queue(queue)):
-                channel = connection.channel()
-                try:
-                    channel.queue_purge(name)
-                    channel.close()
-                except pika.exceptions.ChannelClosedByBroker:
-                    pass  # not declared yet: nothing to purge
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            connection.close()
+    benchlib.ensure_vhost(BROKER_URL, VHOST, purge=True)
 
 
 def flush_redis() -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    benchlib.flush_redis(REDIS_URL)
 
 
 # --- the phases -------------------------------------------------------------------------------
