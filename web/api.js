@@ -147,7 +147,13 @@ async function doRefresh(staleAccess) {
   } catch (cause) {
     throw new NetworkError(cause);
   }
-  if (response.ok) return saveTokens(await response.json());
+  if (response.ok) {
+    const saved = saveTokens(await response.json());
+    // Keep the lock a moment: Chromium hands localStorage writes to other tabs' processes
+    // asynchronously, and a tab that took the lock at once could still read the spent pair.
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    return saved;
+  }
   const body = await response.json().catch(() => null);
   if (response.status === 401 || response.status === 400) {
     // Without Web Locks another tab may have rotated the pair under us: use its result.
