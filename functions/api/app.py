@@ -338,7 +338,7 @@ def delete_chat(chat_id: str) -> Response:
 
 
 @route("/api/chats/{chat_id}/messages", methods=["GET"])
-def list_messages(chat_id: str) -> dict[str, Any]:
+def list_messages(chat_id: str) -> str:
     user_id = _user_id()
     query = _query()
     return chats.list_messages(

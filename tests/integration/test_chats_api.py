@@ -266,3 +266,26 @@ def test_sql_in_text_fields_is_stored_verbatim(api: Api) -> None:
     r = api.request("POST", f"/api/chats/{chat['id']}/messages", user=user, json={"content": nasty})
     assert r.json()["content"] == nasty
     assert api.request("GET", "/api/chats", user=user).json()["items"][0]["title"] == nasty.strip()
+
+
+def test_listed_messages_are_exactly_what_was_posted(api: Api) -> None:
+    """The list is JSON built by PostgreSQL; each item must equal the message the POST returned."""
+    user = api.register()
+    chat = api.create_chat(user, "escapes")
+    path = f"/api/chats/{chat['id']}/messages"
+    texts = [
+        'quotes " and \\ backslashes \\" \\n',
+        "control \t\r\n\x01\x1f and DEL \x7f",
+        "unicode: ünïcødé 日本語 🦀 \u2028\u2029 \ufeff",
+        "</script><script>alert(1)</script> & < >",
+        " " * 3 + "spaces kept" + " " * 3,
+    ]
+    posted = [api.request("POST", path, user=user, json={"content": t}).json() for t in texts]
+    assert [p["content"] for p in posted] == texts
+    r = api.request("GET", path, user=user)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"items": posted, "nextCursor": None}
+    first = api.request("GET", path, user=user, params={"limit": 2}).json()
+    assert first["items"] == posted[:2] and first["nextCursor"]
+    rest = api.request("GET", path, user=user, params={"cursor": first["nextCursor"]}).json()
+    assert rest == {"items": posted[2:], "nextCursor": None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import datetime
@@ -144,8 +145,12 @@ def add_message(*, user_id: str, chat_id: str, content: str) -> dict[str, Any]:
     return message_out(row)
 
 
-def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None) -> dict[str, Any]:
-    """Oldest first; keyset pagination on the insertion sequence, stable under inserts."""
+def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None) -> str:
+    """Oldest first; keyset pagination on the insertion sequence, stable under inserts.
+
+    The reply is JSON text (`{"items": [...], "nextCursor": ...}`) whose items PostgreSQL wrote: no
+    Python object is made per message only to be encoded again (that cost more than the query).
+    """
     position = decode_cursor(cursor, size=1)
     after = 0
     if position is not None:
@@ -153,23 +158,36 @@ def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None)
             raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor")
         after = position[0]
     with db.read() as conn:
-        # One round trip: the ownership check rides along as a join.
+        # One round trip: the ownership check rides along as a join (a chat without messages: one row
+        # of NULLs; another user's chat: no row).
         rows = conn.execute(
-            f"""
-            SELECT c.id AS owned, {", ".join("m." + c for c in _MESSAGE_COLUMNS.split(", "))}
-            FROM chats c LEFT JOIN LATERAL (
-                SELECT * FROM messages WHERE chat_id = c.id AND seq > %s ORDER BY seq LIMIT %s
-            ) m ON true
-            WHERE c.id = %s AND c.user_id = %s
-            ORDER BY m.seq
-            """,
-            (after, limit + 1, chat_id, user_id),
+            _LIST_MESSAGES,
+            {"after": after, "limit": limit, "chat_id": chat_id, "user_id": user_id},
         ).fetchall()
     if not rows:
         raise NotFound("Chat not found.")
-    rows = [r for r in rows if r["id"] is not None]
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
         next_cursor = encode_cursor([rows[-1]["seq"]])
-    return {"items": [message_out(r) for r in rows], "nextCursor": next_cursor}
+    items = ",".join(row["item"] for row in rows if row["item"] is not None)
+    return f'{{"items":[{items}],"nextCursor":{json.dumps(next_cursor)}}}'
+
+
+# serialize.message_out's shape, written by PostgreSQL (measured: a third of the CPU of rows made into
+# dicts and encoded here, and less than json_build_object or row_to_json). to_json escapes the content;
+# to_char truncates to milliseconds as serialize.iso does. tests/integration/test_chats_api.py checks
+# that a listed message equals the one its POST returned.
+_LIST_MESSAGES = """
+    SELECT m.seq,
+           '{"id":"' || m.id || '","chatId":"' || m.chat_id || '","role":"' || m.role
+           || '","content":' || to_json(m.content)
+           || ',"generationId":' || coalesce('"' || m.generation_id || '"', 'null')
+           || ',"createdAt":"' || to_char(m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+           || '"}' AS item
+    FROM chats c LEFT JOIN LATERAL (
+        SELECT * FROM messages WHERE chat_id = c.id AND seq > %(after)s ORDER BY seq LIMIT %(limit)s + 1
+    ) m ON true
+    WHERE c.id = %(chat_id)s AND c.user_id = %(user_id)s
+    ORDER BY m.seq
+"""
