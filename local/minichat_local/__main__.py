@@ -1,8 +1,11 @@
 """`python -m minichat_local`: migrate, then serve everything on 127.0.0.1:${PORT:-8000} until Ctrl-C.
 
-The listening socket is opened once; `MINICHAT_WORKERS` processes (default: one per core, at most 4)
-serve it, each a full local-mode server (REST through Chalice, the stream app). The supervisor runs the
-background services once: the outbox relay, the reaper and the RabbitMQ consumer that feeds the worker.
+`MINICHAT_WORKERS` processes (default: one per core, at most 4) serve the port, each a full local-mode
+server (REST through Chalice, the stream app) with its own SO_REUSEPORT listening socket, so the kernel
+spreads new connections over the workers. (One shared socket let whichever worker woke first accept a
+whole burst: 20 keep-alive clients were seen split 18/2 and 20/0, one core busy and the other idle.) The
+supervisor keeps the port bound meanwhile and runs the background services once: the outbox relay, the
+reaper and the RabbitMQ consumer that feeds the worker.
 """
 
 from __future__ import annotations
@@ -62,36 +65,51 @@ def main(argv: list[str] | None = None) -> int:
     for name in apply_migrations(settings.database_url):
         print(f"minichat: applied migration {name}", file=sys.stderr)
 
+    address = (args.host, args.port)
     try:
-        sock = socket.create_server((args.host, args.port), backlog=2048)
+        sock = _bind(address, workers=workers)
     except OSError as exc:
         print(f"minichat: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
-    sock.set_inheritable(True)
 
     from minichat_local.services import Background
 
     background = Background()
     # Fork before any thread or pool exists in this process: children start clean.
-    children = {_spawn(sock, background) for _ in range(workers)} if workers > 1 else set()
+    children = {_spawn(address, background) for _ in range(workers)} if workers > 1 else set()
     background.start()
-    address = f"http://{args.host}:{args.port}"
-    print(
-        f"minichat: serving local mode on {address} with {workers} worker(s) (Ctrl-C stops)", file=sys.stderr
-    )
+    url = f"http://{args.host}:{args.port}"
+    print(f"minichat: serving local mode on {url} with {workers} worker(s) (Ctrl-C stops)", file=sys.stderr)
     try:
         if children:
-            _supervise(children, sock, background)
+            _supervise(children, address, background)
         else:
             _serve(sock)
     finally:
         background.stop()
+        sock.close()
     print("minichat: stopped", file=sys.stderr)
     return 0
 
 
+def _bind(address: tuple[str, int], *, workers: int) -> socket.socket:
+    """One worker: its listening socket. Several: the port, bound (not listening) for as long as we run.
+
+    A first bind without SO_REUSEPORT fails when anything else holds the port (another local mode
+    included), which joining its SO_REUSEPORT group would silently hide.
+    """
+    if workers == 1:
+        return socket.create_server(address, backlog=2048)
+    socket.create_server(address).close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
 def _serve(sock: socket.socket) -> None:
-    """One worker: the local-mode ASGI app under uvicorn on the shared socket."""
+    """One worker: the local-mode ASGI app under uvicorn on its listening socket."""
     import uvicorn
 
     from minichat_local.server import build_app
@@ -108,7 +126,7 @@ def _serve(sock: socket.socket) -> None:
     _server_class()(config).run(sockets=[sock])
 
 
-def _spawn(sock: socket.socket, background: Any) -> int:
+def _spawn(address: tuple[str, int], background: Any) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -118,14 +136,14 @@ def _spawn(sock: socket.socket, background: Any) -> int:
     background.in_worker()  # commits here wake the supervisor's relay
     code = 0
     try:
-        _serve(sock)
+        _serve(socket.create_server(address, backlog=2048, reuse_port=True))
     except BaseException as exc:
         print(f"minichat: worker {os.getpid()} failed: {exc!r}", file=sys.stderr)
         code = 1
     os._exit(code)
 
 
-def _supervise(children: set[int], sock: socket.socket, background: Any) -> None:
+def _supervise(children: set[int], address: tuple[str, int], background: Any) -> None:
     """Forward SIGINT/SIGTERM to the workers, replace a worker that dies, return when all have stopped."""
     stopping = False
 
@@ -153,7 +171,7 @@ def _supervise(children: set[int], sock: socket.socket, background: Any) -> None
         if not stopping:
             print(f"minichat: worker {pid} exited ({status}); starting another", file=sys.stderr)
             time.sleep(0.5)
-            children.add(_spawn(sock, background))
+            children.add(_spawn(address, background))
 
 
 def _server_class() -> type:

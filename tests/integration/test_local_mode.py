@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -109,6 +110,24 @@ def test_serves_and_shuts_down_cleanly_on_sigterm(database_url: str) -> None:
             proc.kill()
     assert proc.returncode == 0, err
     assert "minichat: stopped" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
+def test_a_port_in_use_is_refused_clearly(database_url: str, reuse_port: bool) -> None:
+    """Workers listen with SO_REUSEPORT; that must never let local mode share a port someone else holds
+    (another local mode's workers use SO_REUSEPORT too)."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if reuse_port:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        proc = _start(holder.getsockname()[1], MINICHAT_WORKERS="2")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        holder.close()
+    assert proc.returncode == 1, err
+    assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err + out
 
 
 @pytest.fixture
