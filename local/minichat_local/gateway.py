@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import json
+import queue
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from chalice.app import Chalice
 from chalice.config import Config
-from chalice.local import CustomLocalChalice, LocalChalice, LocalGateway, LocalGatewayException
+from chalice.local import (
+    CustomLocalChalice,
+    LambdaContext,
+    LocalChalice,
+    LocalGateway,
+    LocalGatewayException,
+)
 
 from minichat.errors import MiniChatError, NotFound, PayloadTooLarge
 from minichat.log import accept_request_id
@@ -36,15 +45,15 @@ class ChaliceBridge:
         if not isinstance(chalice_app, LocalChalice):
             CustomLocalChalice.__bases__ = (LocalChalice, chalice_app.__class__)
             chalice_app.__class__ = CustomLocalChalice
-        self._gateway = LocalGateway(chalice_app, Config(chalice_stage="local", config_from_disk={}))
+        self._gateway = _Gateway(chalice_app, Config(chalice_stage="local", config_from_disk={}))
         # A few threads, enough to overlap one request's database and Redis waits with another's work:
         # the requests share one GIL (and the event loop's), so more threads only make a burst of
         # requests share it too, all finishing late together instead of one after the other. With 4
         # rather than 32, a burst of 100 generation creates let the first streams start ~200 ms sooner
         # (bench/bench_stream.py, TTFT p50), at the same throughput. The threads stay: anyio's ended
         # after 10 s idle, and a burst started them again on the event loop, in front of running streams.
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="minichat-api")
-        self._cancels = ThreadPoolExecutor(max_workers=2, thread_name_prefix="minichat-api-cancel")
+        self._executor = _Threads(threads, "minichat-api")
+        self._cancels = _Threads(2, "minichat-api-cancel")
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         headers: dict[str, str] = {}
@@ -71,10 +80,8 @@ class ChaliceBridge:
         # A copy of the context, as anyio.to_thread gives: a request's context variables (request id, rate
         # headers) never leak into the next request the same thread serves.
         context = contextvars.copy_context()
-        executor = self._cancels if _CANCEL_ROUTE.match(scope["path"]) else self._executor
-        response = await asyncio.get_running_loop().run_in_executor(
-            executor, context.run, self._handle, scope["method"], path, headers, body or None
-        )
+        threads = self._cancels if _CANCEL_ROUTE.match(scope["path"]) else self._executor
+        response = await threads.run(context.run, self._handle, scope["method"], path, headers, body or None)
         if response is None:
             await _send_error(send, NotFound("No such route."), headers)
             return
@@ -85,6 +92,64 @@ class ChaliceBridge:
             return self._gateway.handle_request(method=method, path=path, headers=headers, body=body)
         except LocalGatewayException:
             return None  # API Gateway's "Missing Authentication Token": no such resource
+
+
+class _Gateway(LocalGateway):
+    """chalice.local's gateway, with the Lambda context's settings looked up once, not per request (the
+    config lookups cost more than building the event)."""
+
+    def __init__(self, app: Chalice, config: Config) -> None:
+        super().__init__(app, config)
+        timeout = config.lambda_timeout
+        self._function_name = config.function_name
+        self._memory_size = config.lambda_memory_size
+        self._max_runtime_ms = (self.MAX_LAMBDA_EXECUTION_TIME if timeout is None else timeout) * 1000
+
+    def _generate_lambda_context(self) -> LambdaContext:
+        return LambdaContext(
+            function_name=self._function_name,
+            memory_size=self._memory_size,
+            max_runtime_ms=self._max_runtime_ms,
+        )
+
+
+class _Threads:
+    """Threads that run blocking calls for the event loop: a queue in, call_soon_threadsafe out.
+
+    What loop.run_in_executor does, without a concurrent.futures Future (a Condition, a lock and chained
+    callbacks) for every call. The threads start at once and stay.
+    """
+
+    def __init__(self, count: int, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        for i in range(count):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((loop, future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            loop, future, fn, args = self._calls.get()
+            try:
+                outcome = (True, fn(*args))
+            except BaseException as exc:  # handed to the awaiting request, as run_in_executor does
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody awaits this
+                loop.call_soon_threadsafe(_settle, future, outcome)
+
+
+def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    if future.cancelled():
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 async def _read_body(receive: Any) -> bytes | None:
