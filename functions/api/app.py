@@ -16,7 +16,7 @@ import redis
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from minichat import auth, chats, db, generations, health, idempotency, kv, limits, usage
+from minichat import auth, chats, db, generations, health, idempotency, limits, usage
 from minichat.config import get_settings
 from minichat.errors import (
     InternalError,
@@ -45,6 +45,10 @@ from minichat.validate import (
 )
 
 app = Chalice(app_name="minichat-api")
+# The REST API declares no binary media types (template.yaml), so API Gateway passes every body as text;
+# Chalice's default list (images, audio, archives) would make it treat some as base64. It also cost
+# three content-type scans of that list on every request.
+app.api.binary_types = []
 setup_logging(get_settings().log_level)
 log = get_logger("minichat.api")
 
@@ -176,7 +180,7 @@ def _limit(bucket: str, key: str, rate_text: str, *, fail_closed: bool = False) 
     if rate is None:
         return
     try:
-        decision = limits.hit(kv.get_redis(), bucket=bucket, key=key, rate=rate)
+        decision = limits.hit(bucket=bucket, key=key, rate=rate)
     except redis.RedisError as exc:
         if fail_closed:
             raise ServiceUnavailable("Rate limits cannot be checked right now; retry shortly.") from exc

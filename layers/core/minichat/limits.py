@@ -9,6 +9,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from minichat import kv
 from minichat.errors import ConfigError
 
 __all__ = [
@@ -78,7 +79,7 @@ async def renew_inflight_async(
 # Generic cell rate algorithm: one number per key, the "theoretical arrival time" (TAT). Time comes from
 # the Redis server (TIME), so every API process agrees on it whatever their clocks say; the whole
 # read-decide-write is one script, so concurrent requests cannot both take the last slot.
-_GCRA = """
+_GCRA = kv.Script("""
 local period = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -93,7 +94,7 @@ if allow_at > now then
 end
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now))
 return {1, math.floor((now - allow_at) / interval), 0, math.ceil(new_tat - now)}
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,10 @@ class Decision:
         }
 
 
-def hit(client: redis.Redis, *, bucket: str, key: str, rate: Rate) -> Decision:
+def hit(*, bucket: str, key: str, rate: Rate) -> Decision:
     """Count one request against `bucket:key`; the decision says whether it may go ahead."""
-    allowed, remaining, retry_ms, reset_ms = client.eval(
-        _GCRA, 1, f"ratelimit:{bucket}:{key}", rate.period_s * 1000, rate.limit
+    allowed, remaining, retry_ms, reset_ms = kv.run_script(
+        _GCRA, [f"ratelimit:{bucket}:{key}"], [rate.period_s * 1000, rate.limit]
     )
     return Decision(
         allowed=bool(allowed),
