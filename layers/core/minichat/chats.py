@@ -8,6 +8,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from psycopg.rows import tuple_row
+
 from minichat import db, events
 from minichat.errors import NotFound, ValidationError
 from minichat.serialize import chat_out, message_out
@@ -159,18 +161,19 @@ def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None)
         after = position[0]
     with db.read() as conn:
         # One round trip: the ownership check rides along as a join (a chat without messages: one row
-        # of NULLs; another user's chat: no row).
-        rows = conn.execute(
-            _LIST_MESSAGES,
-            {"after": after, "limit": limit, "chat_id": chat_id, "user_id": user_id},
-        ).fetchall()
+        # of NULLs; another user's chat: no row). Rows as tuples: (seq, item).
+        rows = (
+            conn.cursor(row_factory=tuple_row)
+            .execute(_LIST_MESSAGES, {"after": after, "limit": limit, "chat_id": chat_id, "user_id": user_id})
+            .fetchall()
+        )
     if not rows:
         raise NotFound("Chat not found.")
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = encode_cursor([rows[-1]["seq"]])
-    items = ",".join(row["item"] for row in rows if row["item"] is not None)
+        next_cursor = encode_cursor([rows[-1][0]])
+    items = ",".join(item for _, item in rows if item is not None)
     return f'{{"items":[{items}],"nextCursor":{json.dumps(next_cursor)}}}'
 
 
