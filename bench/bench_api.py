@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 import benchlib
 from benchlib import BenchError, ServerProcess, free_port
@@ -63,16 +62,6 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 TARGET_LIST_P50_MS = 10.0
 TARGET_LIST_P99_MS = 50.0
 TARGET_IMPORT_MS = 300.0
-
-# The statement chats.list_messages builds: the bare-SELECT baseline runs exactly what the API runs.
-LIST_SQL = """
-    SELECT c.id AS owned, m.id, m.seq, m.chat_id, m.role, m.content, m.generation_id, m.created_at
-    FROM chats c LEFT JOIN LATERAL (
-        SELECT * FROM messages WHERE chat_id = c.id AND seq > %s ORDER BY seq LIMIT %s
-    ) m ON true
-    WHERE c.id = %s AND c.user_id = %s
-    ORDER BY m.seq
-"""
 
 
 @dataclass(frozen=True)
@@ -663,11 +652,12 @@ async def http_phases(report: Report, api: Server, hello: Server) -> None:
     finally:
         db.close_pool()
         set_settings(None)
-    with psycopg.connect(DATABASE_URL, autocommit=True, row_factory=dict_row) as conn:
-        params = (0, MESSAGES + 1, chat["id"], owner["user"]["id"])
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        # Exactly the statement chats.list_messages runs (its rows: each message's JSON).
+        params = {"after": 0, "limit": MESSAGES, "chat_id": chat["id"], "user_id": owner["user"]["id"]}
         report.figures["sql1"] = timed_loop(
             "bare SELECT (psycopg, autocommit)",
-            lambda: conn.execute(LIST_SQL, params).fetchall(),
+            lambda: conn.execute(chats._LIST_MESSAGES, params).fetchall(),
             warmup=plan.warmup,
             seconds=plan.solo_seconds,
         )
