@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,39 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-__all__ = ["ROOT", "BenchError", "ServerProcess", "drop_database", "ensure_vhost", "flush_redis", "free_port"]
+__all__ = [
+    "ROOT",
+    "BenchError",
+    "ServerProcess",
+    "cpu_probe",
+    "drop_database",
+    "ensure_vhost",
+    "flush_redis",
+    "free_port",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class BenchError(Exception):
     """The run cannot give figures (a server died, an unexpected reply): exit non-zero."""
+
+
+def cpu_probe() -> float:
+    """Milliseconds of a fixed pure-Python loop, best of 3: how fast this machine runs right now.
+
+    The cores of this (virtual) machine run at a speed that swings by up to 2x from one minute to the
+    next, invisibly to /proc (no steal shows). Taken just before and after a figure, the probe says
+    whether that figure was measured on a fast or a slow machine.
+    """
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i * i
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
 
 
 def free_port() -> int:
