@@ -21,7 +21,9 @@ CPU milliseconds per request of the server, PostgreSQL and this client (read fro
 shares the cores with the server, so it is a hand-written HTTP/1.1 keep-alive client on uvloop
 (0.03-0.05 ms of CPU a request; httpx.AsyncClient measured 1.5 ms here, more than the server spends
 on most routes). A last column shows the CPU other processes took meanwhile: figures taken on a busy
-machine are flagged.
+machine are flagged. The `probe` column is benchlib.cpu_probe() around each figure: this virtual
+machine's cores sometimes run up to 2x slower for seconds or minutes, invisibly to /proc, and the list
+target's verdict says so when its figure was taken in such a spell.
 """
 
 from __future__ import annotations
