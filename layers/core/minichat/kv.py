@@ -70,21 +70,21 @@ def run_script(script: Script, keys: Sequence[str], args: Sequence[str | int]) -
     """
     client = get_redis()
     lane = _lane
-    if lane.client is not client or lane.connection is None:
+    if lane.client is not client:  # first call on this thread, or the client was replaced
         pool = client.connection_pool
         lane.connection = pool.connection_class(**pool.connection_kwargs)
         lane.client = client
-    connection = lane.connection
-    for attempt in (1, 2):
-        try:
-            try:
-                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return connection.read_response()
-            except NoScriptError:
-                connection.send_command("EVAL", script.text, len(keys), *keys, *args)
-                return connection.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return _evalsha(lane.connection, script, keys, args)
+    except (redis.ConnectionError, redis.TimeoutError):
+        lane.connection.disconnect()  # the next command connects again
+        return _evalsha(lane.connection, script, keys, args)
+
+
+def _evalsha(connection: Any, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    try:
+        connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return connection.read_response()
+    except NoScriptError:  # a Redis that never saw it, or restarted since
+        connection.send_command("EVAL", script.text, len(keys), *keys, *args)
+        return connection.read_response()
