@@ -27,7 +27,15 @@ _last_used: dict[int, float] = {}
 
 def _check_if_idle(conn: Conn) -> None:
     if time.monotonic() - _last_used.get(id(conn), 0.0) > _IDLE_CHECK_S:
-        ConnectionPool.check_connection(conn)
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            # One dead connection means the server restarted or dropped us: the other idle ones are
+            # dead too. Replace them all now; left to the pool, each is found in turn with a back-off
+            # between them (1 s, 2 s, 4 s...), which ran a full pool past its timeout: a 503.
+            if _pool is not None:
+                _pool.check()
+            raise
 
 
 _on_commit: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
