@@ -37,6 +37,7 @@ from minichat.log import get_logger
 from minichat.providers import (
     ChatMessage,
     Delta,
+    Finish,
     ProviderRegistry,
     ProviderRequest,
     build_prompt,
@@ -97,6 +98,7 @@ class Run:
     finished: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None  # "canceled" | "timeout" | "shutdown"
+    finish_reason: str | None = None  # what the provider said: "stop" | "length"
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     parts: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
@@ -306,6 +308,8 @@ class Engine:
                 if type(item) is Delta:
                     if item.text:
                         self._add_text(run, item.text)
+                elif type(item) is Finish:
+                    run.finish_reason = item.reason
                 else:
                     usage.append(item)
         finally:

@@ -9,6 +9,8 @@ from minichat.errors import ConfigError, UnknownModel
 from minichat.providers.base import (
     ChatMessage,
     Delta,
+    Finish,
+    FinishReason,
     Provider,
     ProviderRequest,
     StreamItem,
@@ -22,6 +24,8 @@ from minichat.providers.mock import MockProvider
 __all__ = [
     "ChatMessage",
     "Delta",
+    "Finish",
+    "FinishReason",
     "Provider",
     "ProviderRegistry",
     "ProviderRequest",

@@ -9,6 +9,8 @@ from typing import Literal, Protocol, TypeAlias
 __all__ = [
     "ChatMessage",
     "Delta",
+    "Finish",
+    "FinishReason",
     "Provider",
     "ProviderRequest",
     "Role",
@@ -20,6 +22,7 @@ __all__ = [
 ]
 
 Role: TypeAlias = Literal["system", "user", "assistant"]
+FinishReason: TypeAlias = Literal["stop", "length"]
 
 # Chat formats spend a few tokens per message on role and separators; counting them keeps the
 # budget on the safe side.
@@ -60,7 +63,14 @@ class Usage:
     output_tokens: int
 
 
-StreamItem: TypeAlias = Delta | Usage
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Why the model ended: `stop` (it finished) or `length` (its output limit was reached)."""
+
+    reason: FinishReason
+
+
+StreamItem: TypeAlias = Delta | Finish | Usage
 
 
 class Provider(Protocol):
@@ -73,7 +83,7 @@ class Provider(Protocol):
         ...
 
     def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
-        """Deltas, then at most one Usage; closing the generator closes the upstream request."""
+        """Deltas, then at most one Finish and one Usage; closing the generator closes the upstream request."""
         ...
 
     async def aclose(self) -> None:
