@@ -16,7 +16,14 @@ from aws_support import ROOT, load_script, run_tool
 pytestmark = pytest.mark.slow
 
 COMPOSE = ROOT / "localstack-compose.yml"
-SHELL_SCRIPTS = ("infra/localstack/up.sh", "infra/deploy/aws_tools.sh", "functions/stream/run.sh")
+SHELL_SCRIPTS = (
+    "infra/localstack/up.sh",
+    "infra/deploy/aws_tools.sh",
+    "functions/stream/run.sh",
+    "infra/samlocal/build_image.sh",
+    "infra/samlocal/bootstrap",
+    "infra/samlocal/lambda-entrypoint.sh",
+)
 # `docker compose config` without a Docker engine: interpolate ${VAR}, ${VAR:-default}, ${VAR:?error} as
 # Compose does, then parse and validate against the Compose specification (compose-spec, strict).
 CHECK_COMPOSE = r"""

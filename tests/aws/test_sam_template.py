@@ -22,14 +22,6 @@ pytestmark = pytest.mark.slow
 STREAM_TIMEOUT_MS = 900_000
 
 
-@pytest.fixture(scope="module")
-def translated(aws_tools: Path) -> dict[str, Any]:
-    """template.yaml after SAM's transform (CloudFormation JSON)."""
-    result = run_tool([str(aws_tools / "python"), "infra/deploy/sam_translate.py", "template.yaml"])
-    resources: dict[str, Any] = json.loads(result.stdout)
-    return resources
-
-
 def _resources(translated: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     return {name: res for name, res in translated["Resources"].items() if res["Type"] == kind}
 
@@ -297,16 +289,3 @@ def test_sample_events_exist_for_sam_local_invoke() -> None:
         assert event
     proxy = json.loads((ROOT / "tests" / "events" / "apigateway-rest-proxy.json").read_text())
     assert proxy["requestContext"]["resourcePath"] == proxy["resource"]
-
-
-def test_sam_local_env_file_sets_only_declared_variables(translated: dict[str, Any]) -> None:
-    # `sam local invoke --env-vars` overrides only what the template declares for that function.
-    overrides = json.loads((ROOT / "infra" / "localstack" / "sam-local-env.json").read_text())
-    functions = _resources(translated, "AWS::Lambda::Function")
-    assert set(overrides) == set(functions)
-    for name, variables in overrides.items():
-        declared = set(functions[name]["Properties"]["Environment"]["Variables"])
-        assert set(variables) <= declared, (name, set(variables) - declared)
-        for key in declared:
-            if key.endswith("_SECRET_ARN") and key != "MINICHAT_JWT_SECRET_ARN":
-                assert variables.get(key) == "", (name, key)  # no Secrets Manager on the laptop
