@@ -69,32 +69,20 @@ def services() -> None:
             subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
 
 
-def local_values(bridge: dict[str, str]) -> dict[str, str]:
-    """What each variable the template may declare stands for on this machine (seen from a container)."""
-    host = "host.docker.internal"
-    return {
-        "DATABASE_URL": f"postgresql://postgres@{host}:{bridge['pg']}/{DB_NAME}",
-        "REDIS_URL": f"redis://{host}:{bridge['redis']}/{REDIS_DB}",
-        "RABBITMQ_URL": f"amqp://guest:guest@{host}:{bridge['amqp']}/{VHOST}",
-        "MINICHAT_LOG_LEVEL": "INFO",
-    }
-
-
 @pytest.fixture(scope="module")
 def env_file(translated: dict[str, Any], bridge: dict[str, str], tmp_path_factory: Any) -> Path:
-    """`--env-vars`: for each function, the variables its translated resource declares, filled locally.
-
-    Credentials sit in the URLs here, so every `*_SECRET_ARN` is empty (no Secrets Manager); any other
-    variable keeps an empty value, so the function's own defaults apply."""
-    values = local_values(bridge)
-    env: dict[str, dict[str, str]] = {}
-    for name, resource in translated["Resources"].items():
-        if resource["Type"] != "AWS::Lambda::Function":
-            continue
-        declared = resource["Properties"].get("Environment", {}).get("Variables", {})
-        env[name] = {key: values.get(key, "") for key in declared}
+    """`--env-vars`: each function's declared variables, filled with this machine's services (relayed)."""
+    samlocal_env = load_script("infra/samlocal/env.py")
+    values = samlocal_env.service_values(
+        pg=bridge["pg"],
+        redis=bridge["redis"],
+        amqp=bridge["amqp"],
+        db=DB_NAME,
+        redis_db=REDIS_DB,
+        vhost=VHOST,
+    )
     path: Path = tmp_path_factory.mktemp("samlocal") / "env.json"
-    path.write_text(json.dumps(env, indent=2))
+    path.write_text(json.dumps(samlocal_env.function_env(translated, values), indent=2))
     return path
 
 

@@ -289,3 +289,40 @@ def test_sample_events_exist_for_sam_local_invoke() -> None:
         assert event
     proxy = json.loads((ROOT / "tests" / "events" / "apigateway-rest-proxy.json").read_text())
     assert proxy["requestContext"]["resourcePath"] == proxy["resource"]
+
+
+def test_the_web_adapter_layer_is_a_version_the_adapter_publishes(translated: dict[str, Any]) -> None:
+    # 26 is the version the adapter's README gives for zip functions (LambdaAdapterLayerX86:26; see the
+    # parameter's comment for where and when). 30 was never published: it rolled the stack back.
+    parameter = translated["Parameters"]["WebAdapterLayerVersion"]
+    assert parameter["Default"] == 26
+    layers = json.dumps(_function(translated, "StreamFunction")["Layers"])
+    assert "LambdaAdapterLayerX86:${WebAdapterLayerVersion}" in layers
+
+
+def test_gateway_responses_carry_the_request_id_and_retry_after(translated: dict[str, Any]) -> None:
+    (api,) = _resources(translated, "AWS::ApiGateway::RestApi").values()
+    responses = api["Properties"]["Body"]["x-amazon-apigateway-gateway-responses"]
+    assert {"DEFAULT_4XX", "DEFAULT_5XX", "THROTTLED", "MISSING_AUTHENTICATION_TOKEN"} <= set(responses)
+    for name, response in responses.items():
+        headers = response.get("responseParameters", {})
+        assert headers.get("gatewayresponse.header.X-Request-Id") == "context.requestId", name
+        body = response["responseTemplates"]["application/json"]
+        assert '"requestId": "$context.requestId"' in body, name
+    assert responses["THROTTLED"]["responseParameters"]["gatewayresponse.header.Retry-After"] == "'1'"
+
+
+def test_every_function_logs_to_a_group_with_a_retention(translated: dict[str, Any]) -> None:
+    groups = _resources(translated, "AWS::Logs::LogGroup")
+    for name, function in _resources(translated, "AWS::Lambda::Function").items():
+        ref = function["Properties"].get("LoggingConfig", {}).get("LogGroup", {}).get("Ref")
+        assert ref in groups, name
+        assert groups[ref]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+
+
+def test_each_lambda_environment_holds_a_small_database_pool(translated: dict[str, Any]) -> None:
+    # Environments x pool size must fit the database's max_connections (no RDS Proxy by default).
+    assert translated["Parameters"]["DatabasePoolSize"]["Default"] == 2
+    for name, function in _resources(translated, "AWS::Lambda::Function").items():
+        env = function["Properties"]["Environment"]["Variables"]
+        assert env["MINICHAT_DB_POOL_MAX"] == {"Ref": "DatabasePoolSize"}, name
