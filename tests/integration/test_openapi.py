@@ -172,14 +172,14 @@ def test_every_request_body_spec_is_documented(document: dict[str, Any]) -> None
         "CREDENTIALS",
         "REFRESH_TOKEN",
         "NEW_CHAT",
-        "CHAT_RENAME",
+        "CHAT_UPDATE",
         "NEW_MESSAGE",
         "NEW_GENERATION",
     }
     schemas = document["components"]["schemas"]
     documented = [
         schemas[name]
-        for name in ("Credentials", "RefreshTokenRequest", "ChatCreate", "ChatRename", "MessageCreate")
+        for name in ("Credentials", "RefreshTokenRequest", "ChatCreate", "ChatUpdate", "MessageCreate")
     ]
     assert documented == [specs[n].json_schema() for n in specs if n != "NEW_GENERATION"]
     generation = specs["NEW_GENERATION"].json_schema()
@@ -216,6 +216,26 @@ def _number_values(spec: validate.Number) -> st.SearchStrategy[Any]:
     )
 
 
+def _uuid_values() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.text(EDGY, max_size=40),
+        st.sampled_from([None, 1, True, ["x"], "00000000-0000-0000-0000-00000000000g"]),
+    )
+
+
+def _values(spec: validate.Text | validate.Number | validate.Uuid) -> st.SearchStrategy[Any]:
+    if isinstance(spec, validate.Text):
+        return _text_values(spec)
+    if isinstance(spec, validate.Uuid):
+        return _uuid_values()
+    return _number_values(spec)
+
+
 FIELDS = [
     (body_name, field_name, spec, field_name in body.required)
     for body_name, body in _body_specs().items()
@@ -227,11 +247,11 @@ FIELDS = [
     ("body_name", "field_name", "spec", "required"), FIELDS, ids=[f"{b}.{f}" for b, f, _, _ in FIELDS]
 )
 def test_a_field_schema_accepts_exactly_what_its_check_accepts(
-    body_name: str, field_name: str, spec: validate.Text | validate.Number, required: bool
+    body_name: str, field_name: str, spec: validate.Text | validate.Number | validate.Uuid, required: bool
 ) -> None:
     schema = spec.json_schema(nullable=not required)
     validator = jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
-    values = _text_values(spec) if isinstance(spec, validate.Text) else _number_values(spec)
+    values = _values(spec)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(values)
