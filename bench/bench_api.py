@@ -405,7 +405,9 @@ def spawn(name: str, argv: list[str], env: dict[str, str], port: int) -> Server:
     return Server.spawn(name, argv, env, port)
 
 
-def server_env() -> dict[str, str]:
+def server_env(
+    database_url: str = DATABASE_URL, redis_url: str = REDIS_URL, broker_url: str = BROKER_URL
+) -> dict[str, str]:
     """Local mode's environment: the bench's own services; MINICHAT_WORKERS passes through when set."""
     env = {
         k: v
@@ -416,9 +418,9 @@ def server_env() -> dict[str, str]:
         {
             "MINICHAT_ENV": "local",
             "MINICHAT_ROOT": str(ROOT),
-            "DATABASE_URL": DATABASE_URL,
-            "REDIS_URL": REDIS_URL,
-            "RABBITMQ_URL": BROKER_URL,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RABBITMQ_URL": broker_url,
             "MINICHAT_JWT_SECRET": "bench-" + secrets.token_urlsafe(48),
             "MINICHAT_LOG_LEVEL": "WARNING",
             # Rate limits stay on (their Redis round trip is part of every request's cost) but high
@@ -662,10 +664,16 @@ async def http_phases(report: Report, api: Server, hello: Server) -> None:
         set_settings(None)
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
         # Exactly the statement chats.list_messages runs (its rows: each message's JSON).
-        params = {"after": 0, "limit": MESSAGES, "chat_id": chat["id"], "user_id": owner["user"]["id"]}
+        params = {
+            "after": 0,
+            "limit": MESSAGES,
+            "chat_id": chat["id"],
+            "user_id": owner["user"]["id"],
+            "leaf_id": None,
+        }
         report.figures["sql1"] = timed_loop(
             "bare SELECT (psycopg, autocommit)",
-            lambda: conn.execute(chats._LIST_MESSAGES, params).fetchall(),
+            lambda: conn.execute(chats._LIST_PATH, params).fetchall(),
             warmup=plan.warmup,
             seconds=plan.solo_seconds,
         )
