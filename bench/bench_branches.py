@@ -111,15 +111,17 @@ def seed_branched(conn: psycopg.Connection[Any], chat_id: str) -> tuple[int, int
             parent_of[message_id], role_of[message_id] = parent, role
             parent = message_id
     leaf = max(depth, key=lambda m: (depth[m], m))
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO messages (id, chat_id, parent_id, role, content) VALUES (%s, %s, %s, %s, %s)",
-            [(m, chat_id, p, r, c) for m, p, r, c in rows],
-        )
-        cur.execute("UPDATE chats SET active_leaf_id = %s WHERE id = %s", (leaf, chat_id))
     children: dict[tuple[str | None, str], int] = {}
     for _, p, r, _ in rows:
         children[(p, r)] = children.get((p, r), 0) + 1
+    with conn.transaction(), conn.cursor() as cur:
+        # `forked` as chats.insert_message sets it: the message has siblings.
+        cur.executemany(
+            "INSERT INTO messages (id, chat_id, parent_id, role, content, forked)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            [(m, chat_id, p, r, c, children[(p, r)] > 1) for m, p, r, c in rows],
+        )
+        cur.execute("UPDATE chats SET active_leaf_id = %s WHERE id = %s", (leaf, chat_id))
     path: list[str] = []
     node: str | None = leaf
     while node is not None:

@@ -4,6 +4,9 @@
 -- No ON DELETE action: messages go only with their chat, all in one statement. A self-referencing
 -- cascade would recurse once per message of a long branch.
 ALTER TABLE messages ADD COLUMN parent_id uuid REFERENCES messages (id);
+-- True once another message shares its parent and role (set on all of them by the insert that makes the
+-- second one): only those look their siblings up when a path is listed.
+ALTER TABLE messages ADD COLUMN forked boolean NOT NULL DEFAULT false;
 -- The last message of the branch the chat shows (null while the chat is empty).
 ALTER TABLE chats ADD COLUMN active_leaf_id uuid REFERENCES messages (id) ON DELETE SET NULL;
 -- The message a generation's answer follows: the new user message, the parent of a regenerated answer,

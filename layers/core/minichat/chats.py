@@ -198,23 +198,32 @@ def insert_message(
     return row
 
 
-# The new row is not visible to the statement's own subqueries: its siblings are the others plus itself,
-# the newest. The chat's active_leaf_id key is checked at the end of the statement, once the row exists.
+# Its siblings are found before the row exists (a statement's subqueries do not see its own insert):
+# the others, then itself, the newest. They and it are marked `forked` when there are any, so that a
+# listed message looks its siblings up only then. The chat's active_leaf_id key is checked at the end of
+# the statement, once the row exists.
 _INSERT_MESSAGE = f"""
-    WITH new AS (
-        INSERT INTO messages (chat_id, parent_id, role, content, generation_id)
-        SELECT %(chat_id)s::uuid,
+    WITH place AS (
+        SELECT %(chat_id)s::uuid AS chat_id, %(role)s::text AS role,
                CASE WHEN %(generation_id)s::uuid IS NULL THEN %(parent_id)s::uuid
-                    ELSE g.parent_message_id END,
-               %(role)s::text, %(content)s::text, %(generation_id)s::uuid
+                    ELSE g.parent_message_id END AS parent_id
         FROM (VALUES (1)) AS one LEFT JOIN generations g ON g.id = %(generation_id)s::uuid
+    ), older AS (
+        SELECT {_siblings("place")} AS ids FROM place
+    ), fork AS (
+        UPDATE messages m SET forked = true FROM older WHERE m.id = ANY(older.ids) AND NOT m.forked
+    ), new AS (
+        INSERT INTO messages (chat_id, parent_id, role, content, generation_id, forked)
+        SELECT place.chat_id, place.parent_id, place.role, %(content)s::text, %(generation_id)s::uuid,
+               cardinality(older.ids) > 0
+        FROM place, older
         RETURNING id, seq, chat_id, parent_id, role, content, generation_id, created_at
     ), chat AS (
         UPDATE chats SET updated_at = now(), active_leaf_id = (SELECT id FROM new),
             title = CASE WHEN title IS NULL AND %(role)s = 'user' THEN %(title)s ELSE title END
         WHERE id = %(chat_id)s
     )
-    SELECT new.*, {_siblings("new")} || new.id AS sibling_ids FROM new
+    SELECT new.*, older.ids || new.id AS sibling_ids FROM new, older
 """
 
 
@@ -303,7 +312,8 @@ def list_messages(
 
 
 # The path is walked up from the leaf, one primary-key lookup a step, and no further than the cursor
-# (a parent is older than its child). Only the page's rows are read in full.
+# (a parent is older than its child). Only the page's rows are read in full, and only a `forked` one
+# (it has siblings) looks them up: most messages have none.
 # The items are serialize.message_out's shape, written by PostgreSQL (measured: a third of the CPU of
 # rows made into dicts and encoded here, and less than json_build_object or row_to_json). to_json
 # escapes the content; to_char truncates to milliseconds as serialize.iso does.
@@ -329,7 +339,8 @@ _LIST_PATH = f"""
            || '","content":' || to_json(m.content)
            || ',"generationId":' || coalesce('"' || m.generation_id || '"', 'null')
            || ',"createdAt":"' || to_char(m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
-           || '","siblingIds":' || array_to_json({_siblings("m")})
+           || '","siblingIds":'
+           || CASE WHEN m.forked THEN array_to_json({_siblings("m")})::text ELSE '["' || m.id || '"]' END
            || '}}' AS item
     FROM head LEFT JOIN (page JOIN messages m ON m.id = page.id) ON true
     ORDER BY m.seq
