@@ -113,13 +113,13 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def _postgres_cpu() -> dict[int, float]:
+def _postgres_cpu(database: str = BENCH_DB) -> dict[int, float]:
     """CPU seconds of each PostgreSQL backend connected to the bench database, by pid.
 
     Backends title themselves `postgres: <cluster>: <user> <database> <client> <state>`; other
     databases' backends (other people's tests on the machine) are left out.
     """
-    marker = f" {BENCH_DB} ".encode()
+    marker = f" {database} ".encode()
     found: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -148,6 +148,7 @@ class CpuMeter:
     """CPU seconds used between start() and stop() by the server, PostgreSQL, this process, and the rest."""
 
     server_pid: int | None
+    database: str = BENCH_DB  # whose PostgreSQL backends count
     server: float | None = None
     postgres: float | None = None
     client: float = 0.0
@@ -162,7 +163,7 @@ class CpuMeter:
     def _read(self) -> tuple[float | None, dict[int, float] | None, float | None]:
         try:
             srv = _tree_cpu(self.server_pid) if self.server_pid else None
-            return srv, _postgres_cpu(), _system_busy()
+            return srv, _postgres_cpu(self.database), _system_busy()
         except (OSError, ValueError, IndexError):
             return None, None, None  # no /proc: CPU columns show "-"
 
@@ -308,9 +309,10 @@ async def load(
     warmup: float,
     seconds: float,
     server_pid: int | None,
+    database: str = BENCH_DB,
 ) -> Figure:
     """Closed loop: one client per request in `requests`, each resending it as soon as it is answered."""
-    figure = Figure(name, clients=len(requests), cpu=CpuMeter(server_pid))
+    figure = Figure(name, clients=len(requests), cpu=CpuMeter(server_pid, database))
     probe_before = cpu_probe()
     conns = [HttpConn(port) for _ in requests]
     await asyncio.gather(*(c.connect() for c in conns))

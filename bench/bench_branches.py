@@ -173,12 +173,14 @@ async def phases(report: Report, api: Server) -> None:
                 warmup=plan.warmup,
                 seconds=plan.seconds,
                 server_pid=api.proc.pid,
+                database=BENCH_DB,
             )
             api.check_alive()
             figures.append(figure)
             print(
                 f"  round {i + 1} {name:<9} {figure.n:>6} req  p50 {figure.pct(50):6.2f} ms"
-                f"  p99 {figure.pct(99):6.2f} ms  probe {figure.probe_ms or 0:.1f} ms",
+                f"  p99 {figure.pct(99):6.2f} ms  CPU ms/req srv/pg/cli {figure.cpu_cols()}"
+                f"  probe {figure.probe_ms or 0:.1f} ms",
                 flush=True,
             )
 
@@ -239,6 +241,18 @@ def print_table(report: Report) -> None:
     def rate(figures: list[Figure]) -> float:
         return statistics.median(f.rate for f in figures)
 
+    def cpu(figures: list[Figure]) -> str:
+        """Median CPU ms per request of the server, PostgreSQL and this client."""
+        columns = []
+        for part in ("server", "postgres", "client"):
+            values = [
+                getattr(f.cpu, part) / f.n * 1000
+                for f in figures
+                if f.cpu and getattr(f.cpu, part) is not None
+            ]
+            columns.append(f"{statistics.median(values):.2f}" if values else "-")
+        return "/".join(columns)
+
     flat50, flat99 = med(report.flat, 50), med(report.flat, 99)
     br50, br99 = med(report.branched, 50), med(report.branched, 99)
     probes = [f.probe_ms for f in report.flat + report.branched if f.probe_ms is not None]
@@ -248,16 +262,16 @@ def print_table(report: Report) -> None:
     pairs = len(report.flat)
     print(f"list-messages, first page of {PAGE}, {report.plan.clients} clients, medians of {pairs} pairs")
     print(rule)
-    print(f"{'chat':<58}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'chat':<58}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  {'CPU ms/req srv/pg/cli':<22}")
     print(rule)
     print(
         f"{f'branched: 2,000 msgs / {BRANCHES} branches, path {report.path_length}':<58}"
-        f"{rate(report.branched):>9.0f}{br50:>9.2f}{br99:>9.2f}"
+        f"{rate(report.branched):>9.0f}{br50:>9.2f}{br99:>9.2f}  {cpu(report.branched):<22}"
         f"  target p50 <= {TARGET_P50_MS:.0f} {'ok' if br50 <= TARGET_P50_MS else 'MISSED'},"
         f" p99 <= {TARGET_P99_MS:.0f} {'ok' if br99 <= TARGET_P99_MS else 'MISSED'}"
     )
     flat_label = f"  base: flat chat of {FLAT_MESSAGES} msgs, same run"
-    print(f"{flat_label:<58}{rate(report.flat):>9.0f}{flat50:>9.2f}{flat99:>9.2f}")
+    print(f"{flat_label:<58}{rate(report.flat):>9.0f}{flat50:>9.2f}{flat99:>9.2f}  {cpu(report.flat):<22}")
     print(f"{'  branched / flat p50':<58}{'':>9}{br50 / flat50:>8.2f}x")
     for name, figure in report.solo.items():
         label = f"  one client: bare SELECT of the page, {name}"
