@@ -180,7 +180,7 @@ async def phases(report: Report, api: Server) -> None:
             print(
                 f"  round {i + 1} {name:<9} {figure.n:>6} req  p50 {figure.pct(50):6.2f} ms"
                 f"  p99 {figure.pct(99):6.2f} ms  CPU ms/req srv/pg/cli {figure.cpu_cols()}"
-                f"  probe {figure.probe_ms or 0:.1f} ms",
+                f"  cores us/others {figure.busy()}  probe {figure.probe_ms or 0:.1f} ms",
                 flush=True,
             )
 
