@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -264,6 +265,54 @@ def test_a_field_schema_accepts_exactly_what_its_check_accepts(
         assert accepted == validator.is_valid(value), (field_name, value)
 
     agree()
+
+
+def test_field_combinations_are_refused_by_schema_and_check_alike() -> None:
+    """editOf / regenerateOf / content (POST .../generations) and title / activeLeafId (PATCH a chat)."""
+    specs = _body_specs()
+    an_id = str(uuid.uuid4())
+    values = {"content": ["hi", None], "editOf": [an_id, None], "regenerateOf": [an_id, None]}
+    cases = [
+        ("NEW_GENERATION", dict(zip(values, combo, strict=True)))  # absent fields sent as null
+        for combo in itertools.product(*values.values())
+    ]
+    cases += [
+        ("NEW_GENERATION", {k: v for k, v in zip(values, combo, strict=True) if v is not None})
+        for combo in itertools.product(*values.values())
+    ]
+    cases += [
+        ("CHAT_UPDATE", body)
+        for body in (
+            {},
+            {"title": None},
+            {"activeLeafId": None},
+            {"title": None, "activeLeafId": None},
+            {"title": "t"},
+            {"activeLeafId": an_id},
+            {"title": "t", "activeLeafId": an_id},
+            {"title": None, "activeLeafId": an_id},
+        )
+    ]
+    accepted = set()
+    for name, body in cases:
+        validator = jsonschema_rs.Draft202012Validator(specs[name].json_schema(), validate_formats=True)
+        try:
+            specs[name].read(json.dumps(body))
+            ok = True
+        except errors.ValidationError:
+            ok = False
+        assert ok == validator.is_valid(body), (name, body)
+        if ok:
+            accepted.add((name, tuple(sorted(k for k, v in body.items() if v is not None))))
+    assert accepted == {
+        ("NEW_GENERATION", ()),
+        ("NEW_GENERATION", ("content",)),
+        ("NEW_GENERATION", ("content", "editOf")),
+        ("NEW_GENERATION", ("regenerateOf",)),
+        ("CHAT_UPDATE", ("title",)),
+        ("CHAT_UPDATE", ("activeLeafId",)),
+        ("CHAT_UPDATE", ("activeLeafId", "title")),
+    }
 
 
 def test_unknown_fields_are_refused_by_schema_and_check_alike() -> None:
