@@ -281,6 +281,23 @@ def test_the_end_of_a_generation_moves_the_leaf_even_after_a_switch(api: Api) ->
     assert _chat(api, user, chat["id"])["activeLeafId"] == answer["id"]
 
 
+def test_a_message_posted_while_an_answer_is_written_branches_off_its_prompt(api: Api) -> None:
+    user = api.register()
+    chat = api.create_chat(user)
+    created = _create(api, user, chat["id"], content="slow question", model="mock-slow")
+    stream = EventStream(api.http, created.json()["streamUrl"])
+    stream.next()
+    question = _path(api, user, chat["id"])[0]
+    posted = _post(api, user, chat["id"], "meanwhile")  # under the active leaf: the prompt
+    assert posted["parentId"] == question["id"] and posted["siblingIds"] == [posted["id"]]
+    assert stream.until_done()[-1][1]["status"] == "succeeded"
+    stream.close()
+    answer = _path(api, user, chat["id"])[-1]
+    assert answer["parentId"] == question["id"] and answer["siblingIds"] == [answer["id"]]  # other role
+    assert _chat(api, user, chat["id"])["activeLeafId"] == answer["id"]
+    assert _ids(_path(api, user, chat["id"], leafId=posted["id"])) == [question["id"], posted["id"]]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
