@@ -77,6 +77,20 @@ def api(server: str, db: Any, redis_client: Any) -> Iterator[Api]:
 
 
 @pytest.fixture
+def settings_with() -> Iterator[Any]:
+    """Change settings of the in-process server for one test (restored after it)."""
+    from minichat.config import get_settings, set_settings
+
+    original = get_settings()
+
+    def apply(**changes: Any) -> None:
+        set_settings(original.with_(**changes))
+
+    yield apply
+    set_settings(original)
+
+
+@pytest.fixture
 def local_process(
     database_url: str, broker_vhost: str, db: Any, redis_client: Any, tmp_path: Any
 ) -> Iterator[LocalProcess]:

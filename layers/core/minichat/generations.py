@@ -15,8 +15,8 @@ import redis
 from psycopg import errors as pg_errors
 
 from minichat import auth, db, events, kv, limits
+from minichat.chats import answer_parent, insert_message, owned_chat_for_update
 from minichat.chats import delete_chat as _delete_chat_rows
-from minichat.chats import insert_message, owned_chat_for_update
 from minichat.errors import GenerationInFlight, NotFound, ServiceUnavailable
 from minichat.log import get_logger
 from minichat.serialize import iso
@@ -134,8 +134,14 @@ def create_generation(
     temperature: float | None,
     max_tokens: int | None,
     request_id: str | None,
+    edit_of: str | None = None,
+    regenerate_of: str | None = None,
 ) -> dict[str, Any]:
-    """Queue a generation (with the user's message, in one transaction) under the in-flight lock."""
+    """Queue a generation (with the user's message, in one transaction) under the in-flight lock.
+
+    Every kind of create (a new message, an edit, a regenerate, none) takes this one path: only where
+    its prompt goes in the chat's tree differs (chats.answer_parent).
+    """
     generation_id = str(uuid.uuid4())
     client = kv.get_redis()
     try:
@@ -157,16 +163,17 @@ def create_generation(
         raise
     try:
         with db.transaction() as conn:
-            owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
-            if content is not None:
-                insert_message(conn, chat_id=chat_id, role="user", content=content)
+            chat = owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
+            parent_id = answer_parent(
+                conn, chat=chat, content=content, edit_of=edit_of, regenerate_of=regenerate_of
+            )
             try:
                 with conn.transaction():  # a savepoint: the backstop's violation must not end the transaction
                     row = conn.execute(
                         f"""
-                        INSERT INTO generations
-                            (id, chat_id, user_id, model, system_prompt, temperature, max_tokens, request_id)
-                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                        INSERT INTO generations (id, chat_id, user_id, model, system_prompt, temperature,
+                                                 max_tokens, request_id, parent_message_id)
+                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
                         RETURNING {COLUMNS}
                         """,
                         (
@@ -178,6 +185,7 @@ def create_generation(
                             temperature,
                             max_tokens,
                             request_id,
+                            parent_id,
                         ),
                     ).fetchone()
             except pg_errors.UniqueViolation:
@@ -250,12 +258,21 @@ def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 1
     ).fetchall()
 
 
-def history(conn: db.Conn, chat_id: str) -> list[tuple[str, str]]:
-    """(role, content) of the chat's newest messages, oldest first."""
+def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
+    """(role, content) of the path that leads to the generation's answer (its newest messages), oldest
+    first: nothing from other branches. One recursive query up the parents."""
     rows = conn.execute(
-        "SELECT role, content FROM (SELECT role, content, seq FROM messages WHERE chat_id = %s"
-        " ORDER BY seq DESC LIMIT %s) m ORDER BY seq",
-        (chat_id, _HISTORY_LIMIT),
+        """
+        WITH RECURSIVE path AS (
+            SELECT m.parent_id, m.seq, m.role, m.content, 1 AS depth
+            FROM generations g JOIN messages m ON m.id = g.parent_message_id WHERE g.id = %s
+            UNION ALL
+            SELECT m.parent_id, m.seq, m.role, m.content, path.depth + 1
+            FROM path JOIN messages m ON m.id = path.parent_id WHERE path.depth < %s
+        )
+        SELECT role, content FROM path ORDER BY seq
+        """,
+        (generation_id, _HISTORY_LIMIT),
     ).fetchall()
     return [(r["role"], r["content"]) for r in rows]
 
@@ -398,7 +415,7 @@ def open_for_stream(
     with db.transaction() as conn:
         row = claim(conn, generation_id=generation_id, user_id=user_id)
         if row is not None:
-            return row, history(conn, str(row["chat_id"]))
+            return row, history(conn, generation_id)
         row = conn.execute(
             f"SELECT {COLUMNS} FROM generations WHERE id = %s AND user_id = %s", (generation_id, user_id)
         ).fetchone()
