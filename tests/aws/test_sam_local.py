@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -35,6 +36,7 @@ PG_ADMIN = os.environ.get("MINICHAT_TEST_PG_ADMIN", "postgresql://postgres@127.0
 DATABASE_URL = psycopg.conninfo.make_conninfo(PG_ADMIN, dbname=DB_NAME)
 BROKER_URL = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"
 EVENTS = ROOT / "tests" / "events"
+BOTO_TEST = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +72,29 @@ def services() -> None:
 
 
 @pytest.fixture(scope="module")
-def env_file(translated: dict[str, Any], bridge: dict[str, str], tmp_path_factory: Any) -> Path:
-    """`--env-vars`: each function's declared variables, filled with this machine's services (relayed)."""
+def secrets(bridge: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Secrets Manager for the containers: moto's server on the bridge, holding the JWT key."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address=bridge["gateway"], port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("secretsmanager", endpoint_url=endpoint, **BOTO_TEST)
+    arn = client.create_secret(Name=f"minichat/samlocal/jwt-{uuid.uuid4().hex[:8]}", SecretString="k" * 64)[
+        "ARN"
+    ]
+    yield {"AWS_ENDPOINT_URL_SECRETS_MANAGER": endpoint, "MINICHAT_JWT_SECRET_ARN": arn}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def env_file(
+    translated: dict[str, Any], bridge: dict[str, str], secrets: dict[str, str], tmp_path_factory: Any
+) -> Path:
+    """`--env-vars`: each function's declared variables, filled with this machine's services (relayed)
+    and the Secrets Manager stand-in."""
     samlocal_env = load_script("infra/samlocal/env.py")
     values = samlocal_env.service_values(
         pg=bridge["pg"],
@@ -81,9 +104,24 @@ def env_file(translated: dict[str, Any], bridge: dict[str, str], tmp_path_factor
         redis_db=REDIS_DB,
         vhost=VHOST,
     )
+    values.update(secrets)
     path: Path = tmp_path_factory.mktemp("samlocal") / "env.json"
     path.write_text(json.dumps(samlocal_env.function_env(translated, values), indent=2))
     return path
+
+
+def sam_flags(env_file: Path, bridge: dict[str, str], secrets: dict[str, str]) -> list[str]:
+    """What samconfig.toml gives a developer, with this run's addresses; the template's optional Secrets
+    Manager endpoint set, so that its variable exists in the containers."""
+    return [
+        "--env-vars",
+        str(env_file),
+        "--skip-pull-image",
+        "--add-host",
+        f"host.docker.internal:{bridge['gateway']}",
+        "--parameter-overrides",
+        f"SecretsManagerEndpointUrl={secrets['AWS_ENDPOINT_URL_SECRETS_MANAGER']}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +130,7 @@ def invoke(
     aws_tools: Path,
     env_file: Path,
     bridge: dict[str, str],
+    secrets: dict[str, str],
     services: None,
     tmp_path_factory: Any,
 ) -> Any:
@@ -111,11 +150,7 @@ def invoke(
             str(sam_build / "template.yaml"),
             "--event",
             str(event_path),
-            "--env-vars",
-            str(env_file),
-            "--skip-pull-image",
-            "--add-host",
-            f"host.docker.internal:{bridge['gateway']}",
+            *sam_flags(env_file, bridge, secrets),
         ]
         started = time.monotonic()
         result = subprocess.run(
@@ -240,6 +275,124 @@ def test_worker_function_records_a_usage_batch_and_dead_letters_a_malformed_mess
     with psycopg.connect(DATABASE_URL) as conn:
         dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
     assert dead == (first["dead_lettered"] + 1,)
+
+
+def _rest_event(method: str, path: str, resource: str, *, body: Any = None, token: str | None = None) -> Any:
+    """The sample API Gateway REST proxy event, for another route."""
+    event = json.loads((EVENTS / "apigateway-rest-proxy.json").read_text())
+    event.update(
+        httpMethod=method, path=path, resource=resource, body=None if body is None else json.dumps(body)
+    )
+    event["requestContext"].update(httpMethod=method, path=f"/dev{path}", resourcePath=resource)
+    event["requestContext"]["requestId"] = str(uuid.uuid4())
+    if token:
+        event["headers"]["Authorization"] = f"Bearer {token}"
+        event["multiValueHeaders"]["Authorization"] = [f"Bearer {token}"]
+    return event
+
+
+def test_api_function_registers_a_user_and_serves_a_chat_route(invoke: Any, migrated: list[Any]) -> None:
+    """The Chalice app on the Lambda runtime: the JWT key from Secrets Manager (the stand-in), boto3 from
+    the runtime, the database through the bridge."""
+    email = f"sam-{uuid.uuid4().hex[:10]}@example.com"
+    register = invoke(
+        "ApiFunction",
+        _rest_event(
+            "POST",
+            "/api/auth/register",
+            "/api/auth/register",
+            body={"email": email, "password": "pw-" + "x" * 12},
+        ),
+    )
+    assert register["statusCode"] == 201, register
+    token = json.loads(register["body"])["accessToken"]
+    created = invoke(
+        "ApiFunction",
+        _rest_event("POST", "/api/chats", "/api/chats", body={"title": "on Lambda"}, token=token),
+    )
+    assert created["statusCode"] == 201, created
+    assert created["headers"]["X-Request-Id"]
+    chat_id = json.loads(created["body"])["id"]
+    with psycopg.connect(DATABASE_URL) as conn:
+        row = conn.execute(
+            "SELECT c.title FROM chats c JOIN users u ON u.id = c.user_id WHERE c.id = %s AND u.email = %s",
+            (chat_id, email),
+        ).fetchone()
+    assert row == ("on Lambda",)
+
+
+def test_start_api_serves_register_chat_and_a_generation(
+    sam_build: Path,
+    aws_tools: Path,
+    env_file: Path,
+    bridge: dict[str, str],
+    secrets: dict[str, str],
+    migrated: list[Any],
+) -> None:
+    """`sam local start-api`: API Gateway's routes in front of the function containers, over HTTP."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            str(aws_tools / "sam"),
+            "local",
+            "start-api",
+            "--template",
+            str(sam_build / "template.yaml"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--warm-containers",
+            "LAZY",
+            *sam_flags(env_file, bridge, secrets),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **TOOL_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=120) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    http.get("/api/health")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and process.poll() is None, "start-api did not come up"
+                    time.sleep(0.5)
+            email = f"sam-{uuid.uuid4().hex[:10]}@example.com"
+            started = time.monotonic()
+            register = http.post("/api/auth/register", json={"email": email, "password": "pw-" + "x" * 12})
+            assert register.status_code == 201, register.text
+            headers = {"Authorization": f"Bearer {register.json()['accessToken']}"}
+            chat = http.post("/api/chats", json={}, headers=headers)
+            assert chat.status_code == 201, chat.text
+            generation = http.post(
+                f"/api/chats/{chat.json()['id']}/generations", json={"content": "hello"}, headers=headers
+            )
+            assert generation.status_code == 201, generation.text
+            print(f"start-api: register, chat, generation in {time.monotonic() - started:.1f} s")
+            body = generation.json()
+            assert body["generation"]["status"] == "queued"
+            assert body["streamUrl"].split("?")[0].endswith(f"/api/generations/{body['generationId']}/stream")
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    with psycopg.connect(DATABASE_URL) as conn:
+        status = conn.execute(
+            "SELECT status FROM generations WHERE id = %s", (body["generationId"],)
+        ).fetchone()
+    assert status == ("queued",)
 
 
 def test_the_sam_local_env_file_declares_each_functions_variables(translated: dict[str, Any]) -> None:
