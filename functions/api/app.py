@@ -432,11 +432,14 @@ def create_generation(chat_id: str) -> dict[str, Any]:
 
 def _stage_prefix() -> str:
     """`/{stage}` when called through API Gateway's default host, whose paths start with the stage
-    (a custom domain mapped at `/`, and local mode, have none): streamUrl must be a working path."""
+    (a custom domain mapped at `/`, CloudFront's one origin, and local mode have none): streamUrl must be
+    a working path. CloudFront reaches the default host too, and says so with a header of its own."""
     request = _request()
     stage = request.context.get("stage")
-    host = request.headers.get("host", "")
-    return f"/{stage}" if stage and ".execute-api." in host else ""
+    headers = request.headers
+    if not stage or ".execute-api." not in headers.get("host", "") or "x-minichat-origin" in headers:
+        return ""
+    return f"/{stage}"
 
 
 @route("/api/generations/{generation_id}", methods=["GET"])
