@@ -93,7 +93,9 @@ def test_generation_shape_and_request_id(api: Api) -> None:
     assert set(g) == {
         "id", "chatId", "status", "model", "systemPrompt", "temperature", "maxTokens", "inputTokens",
         "outputTokens", "createdAt", "startedAt", "finishedAt", "errorCode", "errorMessage", "requestId",
+        "finishReason",
     }  # fmt: skip
+    assert g["finishReason"] is None  # queued
     assert g["requestId"] == "req-gen-1" and g["systemPrompt"] == "Be brief."
     assert g["temperature"] == 0.5 and g["maxTokens"] == 64 and g["chatId"] == chat["id"]
     api.request("POST", f"/api/generations/{g['id']}/cancel", user=user)

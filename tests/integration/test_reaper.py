@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from helpers import Api, EventStream, assert_error
-from minichat import generations, limits
+from minichat import buffer, limits
 from minichat.reaper import reap
 from minichat.sse import encode_event
 
@@ -23,9 +23,9 @@ def test_a_queued_generation_never_opened_is_failed_and_its_user_freed(
     user = api.register()
     started = _queued(api, user)
     gid = started["generationId"]
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}  # not old enough yet
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 0}  # not old enough yet
     db.execute("UPDATE generations SET created_at = now() - interval '61 seconds' WHERE id = %s", (gid,))
-    assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0}
+    assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
     g = api.request("GET", f"/api/generations/{gid}", user=user).json()
     assert g["status"] == "failed" and g["errorCode"] == "stream_not_opened" and g["finishedAt"]
     assert redis_client.get(limits.inflight_key(user.user_id)) is None
@@ -33,7 +33,11 @@ def test_a_queued_generation_never_opened_is_failed_and_its_user_freed(
         api.request("POST", f"/api/chats/{started['chat']['id']}/generations", user=user, json={}).status_code
         == 201
     )
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}  # terminal states never change
+    assert reap().as_dict() == {
+        "streamNotOpened": 0,
+        "workerLost": 0,
+        "skipped": 0,
+    }  # terminal states never change
 
 
 def test_an_orphaned_stream_is_failed_with_its_partial_answer(api: Api, db: Any, redis_client: Any) -> None:
@@ -46,10 +50,10 @@ def test_an_orphaned_stream_is_failed_with_its_partial_answer(api: Api, db: Any,
         " heartbeat_at = now() - interval '31 seconds' WHERE id = %s",
         (gid,),
     )
-    key = generations.events_key(gid)
+    key = buffer.key(gid)
     redis_client.xadd(key, {"f": encode_event(1, {"type": "delta", "delta": "Partial"})}, id="0-1")
     redis_client.xadd(key, {"f": encode_event(2, {"type": "delta", "delta": " answer"})}, id="0-2")
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 1}
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 1, "skipped": 0}
     g = api.request("GET", f"/api/generations/{gid}", user=user).json()
     assert g["status"] == "failed" and g["errorCode"] == "worker_lost" and g["outputTokens"] > 0
     messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
@@ -79,7 +83,7 @@ def test_a_live_heartbeat_is_never_reaped(api: Api, db: Any) -> None:
         " WHERE id = %s",
         (started["generationId"],),
     )
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 0}
     r = api.request("POST", f"/api/chats/{started['chat']['id']}/generations", user=user, json={})
     assert_error(r, 409, "generation_in_flight")
     db.execute(
