@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
+import psycopg
+import pytest
+
 from helpers import Api, EventStream, assert_error
-from minichat import buffer, limits
+from minichat import buffer, limits, reaper
 from minichat.reaper import reap
 from minichat.sse import encode_event
+from minichat_local.functions import load_function
 
 
 def _queued(api: Api, user: Any) -> dict[str, Any]:
@@ -90,3 +97,141 @@ def test_a_live_heartbeat_is_never_reaped(api: Api, db: Any) -> None:
         "UPDATE generations SET status = 'canceled', finished_at = now() WHERE id = %s",
         (started["generationId"],),
     )
+
+
+# --- issue 11 item 2: the reaper never stops -------------------------------------------------------------
+
+
+def _orphan(db: Any, redis_client: Any, gid: str, *deltas: str) -> None:
+    """A generation claimed by a process that buffered `deltas` and died (no heartbeat for 31 s)."""
+    db.execute(
+        "UPDATE generations SET status = 'streaming', started_at = now() - interval '40 seconds',"
+        " heartbeat_at = now() - interval '31 seconds' WHERE id = %s",
+        (gid,),
+    )
+    for number, text in enumerate(deltas, start=1):
+        frame = encode_event(number, {"type": "delta", "delta": text})
+        redis_client.xadd(buffer.key(gid), {"f": frame}, id=f"0-{number}")
+
+
+@pytest.fixture
+def unreapable(db: Any) -> Iterator[list[str]]:
+    """Ids put in the returned list cannot be ended: the database refuses their terminal update."""
+    ids: list[str] = []
+    db.execute("CREATE TABLE IF NOT EXISTS test_unreapable (id uuid PRIMARY KEY)")
+    db.execute(
+        """
+        CREATE OR REPLACE FUNCTION refuse_reap() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NEW.status = 'failed' AND EXISTS (SELECT 1 FROM test_unreapable WHERE id = NEW.id) THEN
+            RAISE EXCEPTION 'refused by the test';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_reap BEFORE UPDATE ON generations FOR EACH ROW EXECUTE FUNCTION refuse_reap();
+        """
+    )
+    try:
+        yield ids
+    finally:
+        db.execute(
+            "DROP TRIGGER IF EXISTS refuse_reap ON generations; DROP FUNCTION IF EXISTS refuse_reap();"
+            " DROP TABLE IF EXISTS test_unreapable"
+        )
+
+
+def test_a_generation_that_cannot_be_reaped_never_stops_the_others(
+    api: Api, db: Any, redis_client: Any, unreapable: list[str]
+) -> None:
+    users = [api.register() for _ in range(4)]
+    started = [_queued(api, u) for u in users]
+    ids = [s["generationId"] for s in started]
+    # The oldest first (the reaper takes candidates oldest first): one the database refuses to end...
+    db.execute("INSERT INTO test_unreapable VALUES (%s)", (ids[0],))
+    db.execute("UPDATE generations SET created_at = now() - interval '70 seconds' WHERE id = %s", (ids[0],))
+    # ...an orphan whose buffered text the database cannot take as it is (NUL, a lone surrogate)...
+    db.execute("UPDATE generations SET created_at = now() - interval '65 seconds' WHERE id = %s", (ids[1],))
+    _orphan(db, redis_client, ids[1], "bad\x00 text", " and \ud800 more")
+    # ...and two healthy stuck ones.
+    db.execute(
+        "UPDATE generations SET created_at = now() - interval '61 seconds' WHERE id = ANY(%s)",
+        ([ids[2], ids[3]],),
+    )
+    assert reap().as_dict() == {"streamNotOpened": 2, "workerLost": 1, "skipped": 1}
+    statuses = dict(db.execute("SELECT id::text, status FROM generations").fetchall())
+    assert [statuses[i] for i in ids] == ["queued", "failed", "failed", "failed"]
+    stored = db.execute("SELECT content FROM messages WHERE generation_id = %s", (ids[1],)).fetchone()[0]
+    assert stored == "bad text and \ufffd more"
+    # Retried on the next run, and ended once the database takes it.
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 1}
+    db.execute("DELETE FROM test_unreapable")
+    assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
+    for user, s in zip(users, started, strict=True):
+        r = api.request("POST", f"/api/chats/{s['chat']['id']}/generations", user=user, json={})
+        assert r.status_code == 201, r.text
+
+
+def test_the_local_reaper_timer_survives_any_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+
+    def flaky(**kwargs: Any) -> reaper.ReapResult:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise RuntimeError("a bug, or a row nobody foresaw")
+        if len(calls) == 3:
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        return reaper.ReapResult()
+
+    monkeypatch.setattr(reaper, "reap", flaky)
+    stop = threading.Event()
+    thread = threading.Thread(target=reaper.run_reaper, args=(stop,), kwargs={"interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive() and len(calls) >= 6
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+# --- issue 11 item 9: SPEC's 60 s for a generation queued with no stream, on a once-a-minute schedule -----
+
+
+class _LambdaContext:
+    def __init__(self, remaining_ms: int) -> None:
+        self._deadline = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._deadline - time.monotonic()) * 1000)
+
+
+def test_a_scheduled_run_fails_a_queued_generation_when_its_60_s_are_up(api: Api, db: Any) -> None:
+    jobs = load_function("worker", "jobs")
+    user = api.register()
+    started = _queued(api, user)
+    gid = started["generationId"]
+    # Queued 57 s ago, just after the previous run: it comes due 3 s into this one.
+    db.execute("UPDATE generations SET created_at = now() - interval '57 seconds' WHERE id = %s", (gid,))
+    t0 = time.monotonic()
+    result = jobs.reaper_handler({}, _LambdaContext(80_000))
+    elapsed = time.monotonic() - t0
+    age = db.execute(
+        "SELECT status, EXTRACT(EPOCH FROM finished_at - created_at)::float8 FROM generations WHERE id = %s",
+        (gid,),
+    ).fetchone()
+    print(
+        f"queued generation failed {age[1]:.2f} s after its create (SPEC: 60 s); the run took {elapsed:.2f} s"
+    )
+    assert result == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
+    assert age[0] == "failed" and 60.0 <= age[1] < 61.5
+    # With nothing queued the run ends at once (it costs nothing to run every minute).
+    t0 = time.monotonic()
+    assert jobs.reaper_handler({}, _LambdaContext(80_000)) == {
+        "streamNotOpened": 0,
+        "workerLost": 0,
+        "skipped": 0,
+    }
+    assert time.monotonic() - t0 < 1.0
+    assert jobs.REAPER_WINDOW_S >= 60.0  # the schedule's period: every minute is covered

@@ -264,7 +264,8 @@ class Engine:
                     if item.text:
                         self._add_text(run, item.text)
                 elif type(item) is Finish:
-                    run.finish_reason = item.reason
+                    if run.stop_reason is None:  # the message bound's `length` stands
+                        run.finish_reason = item.reason
                 else:
                     usage.append(item)
         finally:
