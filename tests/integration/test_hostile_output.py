@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import free_port
-from helpers import Account, Api, EventStream, LocalProcess, text_of
+from helpers import Account, Api, EventStream, LocalProcess, database_refusing, text_of
 from minichat.chats import ASSISTANT_MAX_CHARS
 from minichat_local.openai_stub import Behavior
 
@@ -121,24 +121,13 @@ def test_finish_reason_stop_and_length_from_max_tokens(stub_mode: Api) -> None:
 @pytest.fixture
 def poisoned_answers(db: Any) -> Iterator[None]:
     """A database that refuses assistant messages containing 'poison' (any non-transient failure)."""
-    db.execute(
-        """
-        CREATE OR REPLACE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-          IF NEW.role = 'assistant' AND NEW.content LIKE '%poison%' THEN
-            RAISE EXCEPTION 'refused by the test';
-          END IF;
-          RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_poison BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION refuse_poison();
-        """
-    )
-    try:
+    with database_refusing(
+        db,
+        table="messages",
+        event="INSERT",
+        condition="NEW.role = 'assistant' AND NEW.content LIKE '%poison%'",
+    ):
         yield
-    finally:
-        db.execute(
-            "DROP TRIGGER IF EXISTS refuse_poison ON messages; DROP FUNCTION IF EXISTS refuse_poison();"
-        )
 
 
 def test_a_terminal_transaction_that_fails_still_ends_the_generation(

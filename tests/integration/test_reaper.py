@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from helpers import Api, EventStream, assert_error
+from helpers import Api, EventStream, assert_error, database_refusing
 from minichat import buffer, limits, reaper
 from minichat.reaper import reap
 from minichat.sse import encode_event
@@ -115,33 +115,19 @@ def _orphan(db: Any, redis_client: Any, gid: str, *deltas: str) -> None:
 
 
 @pytest.fixture
-def unreapable(db: Any) -> Iterator[list[str]]:
-    """Ids put in the returned list cannot be ended: the database refuses their terminal update."""
-    ids: list[str] = []
+def unreapable(db: Any) -> Iterator[None]:
+    """Generations whose ids are put in test_unreapable cannot be ended: the database refuses it."""
     db.execute("CREATE TABLE IF NOT EXISTS test_unreapable (id uuid PRIMARY KEY)")
-    db.execute(
-        """
-        CREATE OR REPLACE FUNCTION refuse_reap() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-          IF NEW.status = 'failed' AND EXISTS (SELECT 1 FROM test_unreapable WHERE id = NEW.id) THEN
-            RAISE EXCEPTION 'refused by the test';
-          END IF;
-          RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_reap BEFORE UPDATE ON generations FOR EACH ROW EXECUTE FUNCTION refuse_reap();
-        """
-    )
+    condition = "NEW.status = 'failed' AND EXISTS (SELECT 1 FROM test_unreapable WHERE id = NEW.id)"
     try:
-        yield ids
+        with database_refusing(db, table="generations", event="UPDATE", condition=condition):
+            yield
     finally:
-        db.execute(
-            "DROP TRIGGER IF EXISTS refuse_reap ON generations; DROP FUNCTION IF EXISTS refuse_reap();"
-            " DROP TABLE IF EXISTS test_unreapable"
-        )
+        db.execute("DROP TABLE IF EXISTS test_unreapable")
 
 
 def test_a_generation_that_cannot_be_reaped_never_stops_the_others(
-    api: Api, db: Any, redis_client: Any, unreapable: list[str]
+    api: Api, db: Any, redis_client: Any, unreapable: None
 ) -> None:
     users = [api.register() for _ in range(4)]
     started = [_queued(api, u) for u in users]

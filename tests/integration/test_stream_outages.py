@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,66 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from conftest import free_port
-from helpers import Account, Api, EventStream, LocalProcess, text_of
-
-
-class OwnRedis:
-    """A throwaway redis-server (no persistence): stopped and started again by the test."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        client = self.client()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path / "redis.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from helpers import Account, Api, EventStream, LocalProcess, OwnRedis, text_of
 
 
 def _local(tmp_path: Path, name: str, own_redis: OwnRedis, **env: str) -> LocalProcess:
@@ -97,6 +39,18 @@ def processes(
             print(f"--- {process.log_path.name}\n{process.log()}")
 
 
+def _two_processes(
+    processes: list[LocalProcess], tmp_path: Path, own_redis: OwnRedis, **env: str
+) -> tuple[LocalProcess, LocalProcess]:
+    """Two single-worker local-mode processes on the same database and Redis: one runs the generation
+    (the first stream connection goes to it), the other has a reader that follows the event buffer."""
+    pair = [_local(tmp_path, name, own_redis, MINICHAT_WORKERS="1", **env) for name in ("runner", "follower")]
+    processes += pair
+    for process in pair:
+        process.start()
+    return pair[0], pair[1]
+
+
 def _create(api: Api, user: Account, chat_id: str, **body: Any) -> httpx.Response:
     return api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json=body)
 
@@ -108,6 +62,26 @@ def _read_all(client: httpx.Client, url: str, out: dict[str, Any]) -> None:
     finally:
         out["ended"] = time.monotonic()
         stream.close()
+
+
+def _follow(base_url: str, url: str, out: dict[str, Any]) -> None:
+    """An EventSource's way: reconnect with Last-Event-ID whenever the stream breaks, until `done`."""
+    events: list[tuple[int, dict[str, Any]]] = []
+    reconnects = 0
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        while not events or events[-1][1]["type"] != "done":
+            headers = {"Last-Event-ID": str(events[-1][0])} if events else None
+            try:
+                stream = EventStream(client, url, headers)
+                try:
+                    while not events or events[-1][1]["type"] != "done":
+                        events.append(stream.next())
+                finally:
+                    stream.close()
+            except (httpx.HTTPError, StopIteration):
+                reconnects += 1
+                time.sleep(1)
+    out["events"], out["reconnects"] = events, reconnects
 
 
 def _ms(values: list[float]) -> str:
@@ -124,8 +98,10 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     processes: list[LocalProcess], own_redis: OwnRedis, db: Any, tmp_path: Path
 ) -> None:
     process = _local(tmp_path, "local", own_redis)
-    processes.append(process)
+    follower = _local(tmp_path, "follower", own_redis, MINICHAT_WORKERS="1")
+    processes += [process, follower]
     process.start()
+    follower.start()
     api = Api(process.base_url)
     users = [api.register() for _ in range(11)]
     chats = [api.create_chat(u) for u in users]
@@ -156,7 +132,16 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     t_start = time.monotonic()
     for reader in readers:
         reader.start()
-    time.sleep(3)
+    time.sleep(1)
+    # A reader of each in another process too: it follows the event buffer in Redis, reconnecting.
+    followed: list[dict[str, Any]] = [{} for _ in started]
+    followers = [
+        threading.Thread(target=_follow, args=(follower.base_url, s["streamUrl"], out), daemon=True)
+        for s, out in zip(started, followed, strict=True)
+    ]
+    for thread in followers:
+        thread.start()
+    time.sleep(2)
 
     own_redis.stop()
     t_down = time.monotonic()
@@ -173,7 +158,7 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     own_redis.start()
     t_up = time.monotonic()
 
-    for reader in readers:
+    for reader in [*readers, *followers]:
         reader.join(timeout=120)
     for client in clients:
         client.close()
@@ -183,15 +168,18 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
         f" creates during the outage: {statuses}, {_ms(during)}"
         f" (baseline with Redis up: {_ms(baseline)});"
         f" generations took {min(durations):.1f}-{max(durations):.1f} s"
-        f" (baseline: {WORDS - 1} words 200 ms apart = {(WORDS - 1) * 0.2:.1f} s)"
+        f" (baseline: {WORDS - 1} words 200 ms apart = {(WORDS - 1) * 0.2:.1f} s);"
+        f" readers in another process reconnected {sum(f['reconnects'] for f in followed)} times in all"
     )
     assert statuses == [503] * 5
     assert max(during) < 1.0  # quickly, not after a long timeout
-    for out in results:
+    for out, elsewhere in zip(results, followed, strict=True):
         events = out["events"]
         assert [i for i, _ in events] == list(range(1, len(events) + 1))
         assert events[-1][1] == {"type": "done", "status": "succeeded"}, events[-3:]
         assert text_of(events) == content
+        # Nothing lost for the reader elsewhere either (the buffer Redis lost was written again).
+        assert elsewhere["reconnects"] > 0 and elsewhere["events"] == events
     ids = [s["generationId"] for s in started]
     rows = db.execute(
         "SELECT g.status, g.output_tokens, m.content FROM generations g"
@@ -225,11 +213,7 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
 def test_a_reader_in_another_process_gets_every_event_once_when_buffer_writes_fail(
     processes: list[LocalProcess], own_redis: OwnRedis, tmp_path: Path
 ) -> None:
-    runner = _local(tmp_path, "runner", own_redis, MINICHAT_WORKERS="1")
-    follower = _local(tmp_path, "follower", own_redis, MINICHAT_WORKERS="1")
-    processes += [runner, follower]
-    runner.start()
-    follower.start()
+    runner, follower = _two_processes(processes, tmp_path, own_redis)
     api = Api(runner.base_url)
     user = api.register()
     chat = api.create_chat(user)
@@ -281,12 +265,7 @@ def _chunk_times(client: httpx.Client, url: str, seconds: float, out: dict[str, 
 def test_pings_reach_a_reader_in_another_process_at_least_every_15_s(
     processes: list[LocalProcess], own_redis: OwnRedis, tmp_path: Path
 ) -> None:
-    patient = {"MINICHAT_WORKERS": "1", "MINICHAT_PROVIDER_IDLE_TIMEOUT": "300"}
-    runner = _local(tmp_path, "runner", own_redis, **patient)
-    follower = _local(tmp_path, "follower", own_redis, **patient)
-    processes += [runner, follower]
-    runner.start()
-    follower.start()
+    runner, follower = _two_processes(processes, tmp_path, own_redis, MINICHAT_PROVIDER_IDLE_TIMEOUT="300")
     api = Api(runner.base_url)
     user = api.register()
     chat = api.create_chat(user)

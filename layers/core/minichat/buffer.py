@@ -178,46 +178,51 @@ def close(client: redis.Redis, row: dict[str, Any], *, after: int, ttl: int) -> 
 
 # One call appends a batch of events to their buffers: a pipeline of XADDs cost redis-py about 15 µs of
 # CPU per event on the event loop (packing each command, parsing each reply), this one call about 4.
-# ARGV[1] is the TTL, ARGV[2] "r" on a retry; then per entry i: KEYS[i] gets id ARGV[3i], mark
-# ARGV[3i+1] ("s" the generation's first event: the TTL is set; "e" its last: field e marks the end and
-# the TTL is set again, so the buffer is kept at least ARGV[1] s after the end) and frame ARGV[3i+2].
-# An entry that fails (OOM, ...) blocks the later entries of its key in this call: they all come back
-# (their indexes are returned) and are sent again, in order, so a buffer never has a hole. A retry first
-# skips what is already there (the reply to an earlier call may be what got lost).
+# ARGV[1] is the TTL; then per entry i: KEYS[i] gets id ARGV[3i-1], mark ARGV[3i] ("s" the generation's
+# first event: the TTL is set; "e" its last: field e marks the end and the TTL is set again, so the buffer
+# is kept at least ARGV[1] s after the end) and frame ARGV[3i+1].
+# Each buffer's last id is read first (once per buffer and call, in the server): what is already there
+# is skipped (a retry whose earlier reply was lost writes nothing twice), and a buffer that is gone
+# although its first events were written (a Redis that restarted empty, even when the client's own
+# reconnect hid it) is reported, so that its whole start is written again first. An entry that fails
+# (OOM, ...) blocks the later entries of its buffer in this call: they come back and are sent again, in
+# order, so a buffer never has a hole. Returns {failed indexes, indexes whose buffer was gone}.
 _APPEND = """
-local ttl, retry = ARGV[1], ARGV[2] == 'r'
-local blocked, top, failed = {}, {}, {}
+local ttl = ARGV[1]
+local blocked, top, failed, lost = {}, {}, {}, {}
 for i = 1, #KEYS do
   local k = KEYS[i]
-  local id, mark, frame = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+  local id, mark, frame = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
   local n = tonumber(string.sub(id, 3))
+  if top[k] == nil then
+    local last = redis.call('XREVRANGE', k, '+', '-', 'COUNT', 1)
+    top[k] = last[1] and tonumber(string.sub(last[1][1], 3)) or 0
+    if top[k] == 0 and n > 1 then
+      blocked[k] = true
+      lost[#lost + 1] = i
+    end
+  end
   if blocked[k] then
     failed[#failed + 1] = i
-  else
-    if retry and top[k] == nil then
-      local last = redis.call('XREVRANGE', k, '+', '-', 'COUNT', 1)
-      top[k] = last[1] and tonumber(string.sub(last[1][1], 3)) or 0
+  elseif n > top[k] then
+    local r
+    if mark == 'e' then
+      r = redis.pcall('XADD', k, id, 'f', frame, 'e', '1')
+    else
+      r = redis.pcall('XADD', k, id, 'f', frame)
     end
-    if not (retry and n <= top[k]) then
-      local r
-      if mark == 'e' then
-        r = redis.pcall('XADD', k, id, 'f', frame, 'e', '1')
-      else
-        r = redis.pcall('XADD', k, id, 'f', frame)
-      end
-      if type(r) == 'table' and r.err then
-        blocked[k] = true
-        failed[#failed + 1] = i
-      else
-        top[k] = n
-        if mark ~= '' then
-          redis.pcall('EXPIRE', k, ttl)
-        end
+    if type(r) == 'table' and r.err then
+      blocked[k] = true
+      failed[#failed + 1] = i
+    else
+      top[k] = n
+      if mark ~= '' then
+        redis.pcall('EXPIRE', k, ttl)
       end
     end
   end
 end
-return failed
+return {failed, lost}
 """
 # Events gather this long before they go out in one call (a `done` goes at once): with 100 streams that
 # is one round trip for dozens of events instead of one for every few. Only readers in other processes
@@ -230,7 +235,9 @@ _RETRY_MAX_S = 1.0
 # worth waiting out, and a buffer that never takes its events must not hold the others back for good.
 _GIVE_UP_S = 600.0
 
-Entry = tuple[str, int, bytes, bool]  # generation id, event number, frame, whether it is the last
+# generation id, event number, frame, whether it is the last, and all the frames of its generation so far
+# (the run's own list: a buffer Redis lost is written again from it)
+Entry = tuple[str, int, bytes, bool, list[bytes]]
 
 
 class Writer:
@@ -246,9 +253,10 @@ class Writer:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def append(self, generation_id: str, number: int, frame: bytes, *, end: bool) -> None:
-        """Queue one event (the loop's thread only; never blocks)."""
-        self._pending.append((generation_id, number, frame, end))
+    def append(self, generation_id: str, frames: list[bytes], *, end: bool) -> None:
+        """Queue the last of `frames` (a generation's frames so far, event n at index n - 1) for its buffer;
+        the loop's thread only, never blocks."""
+        self._pending.append((generation_id, len(frames), frames[-1], end, frames))
         self._idle.clear()
         self._ready.set()
         if end:
@@ -264,7 +272,7 @@ class Writer:
     async def run(self) -> None:
         """The writing task (runs until cancelled)."""
         delay = _RETRY_FIRST_S
-        retry = False
+        retry = False  # the last call left events unsent: send them without the batching delay
         failing_since: float | None = None
         while True:
             await self._ready.wait()
@@ -275,7 +283,7 @@ class Writer:
             self._ready.clear()
             self._end.clear()
             batch, self._pending = self._pending, []
-            unsent = await self._send(batch, retry=retry)
+            unsent = await self._send(batch)
             if not unsent:
                 if failing_since is not None:
                     log.warning(
@@ -298,20 +306,28 @@ class Writer:
             delay = min(delay * 2, _RETRY_MAX_S)
             self._ready.set()
 
-    async def _send(self, batch: list[Entry], *, retry: bool) -> list[Entry]:
+    async def _send(self, batch: list[Entry]) -> list[Entry]:
         """Write `batch`; what was not written (the failed entries and everything after them)."""
         for start in range(0, len(batch), _MAX_EVENTS):
             part = batch[start : start + _MAX_EVENTS]
             keys: list[str] = []
-            args: list[Any] = [self._ttl, "r" if retry else ""]
-            for generation_id, number, frame, end in part:
+            args: list[Any] = [self._ttl]
+            for generation_id, number, frame, end, _ in part:
                 keys.append(key(generation_id))
                 args += (f"0-{number}", "e" if end else "s" if number == 1 else "", frame)
             try:
-                failed: Any = await self._script(keys=keys, args=args)
+                reply: Any = await self._script(keys=keys, args=args)
             except (RedisError, OSError):
                 return batch[start:]
+            failed, lost = reply
             if failed:
                 # The rest is not sent at all: it may hold later events of a buffer that just failed.
-                return [part[i - 1] for i in failed] + batch[start + len(part) :]
+                unsent: list[Entry] = []
+                for i in failed:
+                    generation_id, number, _, _, frames = entry = part[i - 1]
+                    if i in lost:
+                        log.warning("event buffer lost; writing it again", generation_id=generation_id)
+                        unsent += [(generation_id, n, frames[n - 1], False, frames) for n in range(1, number)]
+                    unsent.append(entry)
+                return unsent + batch[start + len(part) :]
         return []

@@ -30,6 +30,13 @@ SILENCE_TIMEOUT_S = 30.0  # streaming processes renew heartbeat_at every 5 s
 # Between two runs, a reaper looks again no later than this when a queued generation is coming due
 # (it may be claimed meanwhile: then there is nothing to wait for).
 _RECHECK_S = 5.0
+# A generation already due after a round (it came due just then, or could not be ended): look again
+# after this, not at once, so a row that keeps failing costs one attempt a second, not a busy loop.
+_OVERDUE_S = 1.0
+
+
+def _wait_for(due: float) -> float:
+    return due if due > 0 else _OVERDUE_S
 
 
 @dataclass
@@ -134,7 +141,7 @@ def reap_window(
         left = end - time.monotonic()
         if due is None or due >= left:
             return total
-        sleep(min(max(due, 0.05), _RECHECK_S, left))
+        sleep(min(_wait_for(due), _RECHECK_S, left))
 
 
 def run_reaper(stop: Any, *, interval: float = 5.0, queued_for: float = QUEUED_TIMEOUT_S) -> None:
@@ -146,7 +153,7 @@ def run_reaper(stop: Any, *, interval: float = 5.0, queued_for: float = QUEUED_T
             reap(queued_for=queued_for)
             due = _next_due_s(queued_for)
             if due is not None:
-                wait = min(interval, max(due, 0.05))
+                wait = min(interval, _wait_for(due))
         except Exception as exc:
             log.error("reaper round failed", error=type(exc).__name__)
         stop.wait(wait)

@@ -308,7 +308,7 @@ class Engine:
         frame = encode_event(number, event)
         run.frames.append(frame)
         assert self._buffer is not None
-        self._buffer.append(run.id, number, frame, end=end)
+        self._buffer.append(run.id, run.frames, end=end)
         _wake(run)
 
     async def _finish(self, run: Run, outcome: Outcome) -> None:
