@@ -363,13 +363,13 @@ def end_elsewhere(
     client: redis.Redis,
     running: dict[str, Any],
     *,
-    status: str,
     error: MiniChatError | None = None,
     from_states: tuple[str, ...] | None = None,
     silent_for: float | None = None,
     buffer_ttl: int,
 ) -> dict[str, Any] | None:
-    """End an in-flight generation whose run is not here to end it (the reaper, a chat deletion).
+    """End an in-flight generation whose run is not here to end it: `failed` with `error` (the reaper),
+    or `canceled` without one (a chat deletion).
 
     `running` is its row as read (id, user_id, chat_id, status, system_prompt). A streaming one keeps what
     its run already streamed (read back from the event buffer) and is counted (estimated usage: the
@@ -393,7 +393,7 @@ def end_elsewhere(
         outcome = (
             Outcome.failed(error, text=text, **usage)
             if error is not None
-            else Outcome(status=status, text=text, **usage)
+            else Outcome(status="canceled", text=text, **usage)
         )
         row = finish(
             conn,
@@ -472,7 +472,6 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
                     end_elsewhere(
                         kv.get_redis(),
                         running,
-                        status="canceled",
                         from_states=IN_FLIGHT,
                         buffer_ttl=get_settings().stream_buffer_ttl,
                     )

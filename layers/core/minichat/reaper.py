@@ -82,7 +82,6 @@ def reap(
             row = generations.end_elsewhere(
                 client,
                 candidate,
-                status="failed",
                 error=error,
                 silent_for=queued_for if queued else silent_for,
                 buffer_ttl=ttl,
