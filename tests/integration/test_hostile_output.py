@@ -14,6 +14,7 @@ import pytest
 from conftest import free_port
 from helpers import Account, Api, EventStream, LocalProcess, database_refusing, text_of
 from minichat.chats import ASSISTANT_MAX_CHARS
+from minichat.reaper import reap
 from minichat_local.openai_stub import Behavior
 
 HOSTILE = "stub-tokens-8-nul-at-2-surrogate-at-5"
@@ -161,3 +162,37 @@ def test_a_terminal_transaction_that_fails_still_ends_the_generation(
     replay = EventStream(api.http, f"/api/generations/{generation_id}/stream", user.headers)
     assert replay.until_done() == events
     replay.close()
+
+
+def test_when_nothing_can_be_committed_done_is_never_sent_and_the_reaper_ends_it(
+    api: Api, db: Any, redis_client: Any
+) -> None:
+    """The worst case: the database refuses every end of the generation, the fallback too. The run sends
+    no `done` (the row is still in flight) and leaves; its heartbeat stops, the reaper ends it with the
+    text from the event buffer, and a reader that reconnects gets the end."""
+    user = api.register()
+    chat = api.create_chat(user)
+    refused = "NEW.status IN ('succeeded', 'failed', 'canceled')"
+    with database_refusing(db, table="generations", event="UPDATE", condition=refused):
+        r = api.request(
+            "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "hello there world"}
+        )
+        generation_id = r.json()["generationId"]
+        stream = EventStream(api.http, r.json()["streamUrl"])
+        seen = []
+        with pytest.raises(StopIteration):  # the stream ends without `done`
+            while True:
+                seen.append(stream.next())
+        stream.close()
+        assert [e["type"] for _, e in seen] == ["delta"] * len(seen) and text_of(seen) == "hello there world"
+        status = db.execute("SELECT status FROM generations WHERE id = %s", (generation_id,)).fetchone()
+        assert status[0] == "streaming"
+    time.sleep(1.2)  # no heartbeat since the run left
+    assert reap(silent_for=1.0).as_dict() == {"streamNotOpened": 0, "workerLost": 1, "skipped": 0}
+    again = EventStream(api.http, r.json()["streamUrl"], {"Last-Event-ID": str(seen[-1][0])})
+    rest = again.until_done()
+    again.close()
+    assert [e["type"] for _, e in rest] == ["error", "usage", "done"]
+    assert rest[0][1]["code"] == "worker_lost" and rest[-1][1]["status"] == "failed"
+    assert _stored(api, user, chat["id"], generation_id)[1] == "hello there world"
+    assert api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={}).status_code == 201
