@@ -217,6 +217,11 @@ def build() -> dict[str, Any]:
                     "type": ["string", "null"],
                     "description": "The X-Request-Id of the request that created it.",
                 },
+                "finishReason": {
+                    "enum": ["stop", "length", None],
+                    "description": "Why the model ended: `stop` (it finished), `length` (maxTokens or the "
+                    "200,000-character bound reached); null unless the generation succeeded.",
+                },
             }
         ),
         "GenerationCreated": obj(

@@ -234,6 +234,21 @@ def test_schedules_run_the_relay_and_the_reaper_every_minute(translated: dict[st
     assert by_function == {"RelayFunction": "rate(1 minute)", "ReaperFunction": "rate(1 minute)"}
 
 
+def test_each_reaper_run_covers_its_minute(translated: dict[str, Any]) -> None:
+    """SPEC: a generation queued with no stream is failed at 60 s. The schedule fires once a minute; each
+    run watches jobs.REAPER_WINDOW_S (at least that minute) and needs the time to finish its last round."""
+    tree = ast.parse((ROOT / "functions" / "worker" / "jobs.py").read_text())
+    window = next(
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "REAPER_WINDOW_S" for t in node.targets)
+        and isinstance(node.value, ast.Constant)
+    )
+    assert window >= 60
+    assert _function(translated, "ReaperFunction")["Timeout"] >= window + 10
+
+
 def test_data_services_are_created_or_taken_as_parameters(translated: dict[str, Any]) -> None:
     resources = translated["Resources"]
     for name in ("Database", "Cache", "Broker", "Vpc", "NatGateway", "DatabaseSecret", "BrokerSecret"):

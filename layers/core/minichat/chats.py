@@ -22,6 +22,7 @@ from minichat.serialize import chat_out, message_out
 from minichat.validate import decode_cursor, encode_cursor
 
 __all__ = [
+    "ASSISTANT_MAX_CHARS",
     "add_message",
     "answer_parent",
     "create_chat",
@@ -31,6 +32,7 @@ __all__ = [
     "list_chats",
     "list_messages",
     "owned_chat_for_update",
+    "repair_text",
     "title_from",
     "update_chat",
 ]
@@ -38,6 +40,21 @@ __all__ = [
 _CHAT_COLUMNS = "id, title, active_leaf_id, created_at, updated_at"
 _TITLE_LEN = 80
 _SPACES = re.compile(r"\s+")
+# SPEC §7.3: the bound of an assistant message (the messages table's CHECK), and the two characters a
+# model can send that PostgreSQL text cannot hold: NUL, and a lone surrogate (no UTF-8 form).
+ASSISTANT_MAX_CHARS = 200_000
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _replacement(match: re.Match[str]) -> str:
+    return "" if match.group() == "\x00" else "\ufffd"
+
+
+def repair_text(text: str) -> str:
+    """Model text as the database can store it: NUL removed, each lone surrogate made U+FFFD."""
+    if text.isascii() and "\x00" not in text:  # the common case, without a regex
+        return text
+    return _UNSTORABLE.sub(_replacement, text)
 
 
 def _siblings(message: str) -> str:
