@@ -268,11 +268,13 @@ def test_patch_switches_branches_to_the_newest_leaf_under_a_message(api: Api) ->
 def test_the_end_of_a_generation_moves_the_leaf_even_after_a_switch(api: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    first = _ask(api, user, chat["id"], content="q")
+    # Ten words: mock-slow takes ~2 s over them, so the switch lands while the answer is written.
+    first = _ask(api, user, chat["id"], content="one two three four five six seven eight nine ten")
     created = _create(api, user, chat["id"], regenerateOf=first["id"], model="mock-slow")
     stream = EventStream(api.http, created.json()["streamUrl"])
     stream.next()
     _switch(api, user, chat["id"], first["id"])  # the user looks at the old answer meanwhile
+    assert _chat(api, user, chat["id"])["activeLeafId"] == first["id"]
     assert stream.until_done()[-1][1]["status"] == "succeeded"
     stream.close()
     answer = _path(api, user, chat["id"])[-1]
