@@ -341,3 +341,26 @@ def test_each_lambda_environment_holds_a_small_database_pool(translated: dict[st
     for name, function in _resources(translated, "AWS::Lambda::Function").items():
         env = function["Properties"]["Environment"]["Variables"]
         assert env["MINICHAT_DB_POOL_MAX"] == {"Ref": "DatabasePoolSize"}, name
+
+
+def test_an_optional_rds_proxy_stands_between_the_functions_and_the_database(
+    translated: dict[str, Any],
+) -> None:
+    resources = translated["Resources"]
+    proxy = resources["DatabaseProxy"]
+    assert proxy["Condition"] == "CreateProxy"
+    assert proxy["Properties"]["RequireTLS"] is True
+    assert proxy["Properties"]["Auth"][0]["SecretArn"] == {"Ref": "DatabaseSecret"}
+    targets = resources["DatabaseProxyTargets"]["Properties"]
+    assert targets["DBInstanceIdentifiers"] == [{"Ref": "Database"}]
+    # Only the functions reach the proxy, and the database admits the proxy.
+    (ingress,) = resources["DatabaseProxySecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert ingress["SourceSecurityGroupId"] == {"Ref": "FunctionSecurityGroup"}
+    assert resources["DatabaseFromProxyIngress"]["Properties"]["SourceSecurityGroupId"] == {
+        "Ref": "DatabaseProxySecurityGroup"
+    }
+    # With the proxy, every function's DATABASE_URL names its endpoint.
+    for name, function in _resources(translated, "AWS::Lambda::Function").items():
+        url = function["Properties"]["Environment"]["Variables"]["DATABASE_URL"]
+        assert url["Fn::If"][0] == "CreateProxy", name
+        assert "DatabaseProxy.Endpoint" in json.dumps(url["Fn::If"][1]), name
