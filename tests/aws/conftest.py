@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_support import FUNCTIONS, load_script, run_tool
+from aws_support import FUNCTIONS, ROOT, load_script, run_tool
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,16 @@ def python312() -> str:
     """The Python 3.12 interpreter the artifacts are built for and run with here."""
     found: str = load_script("infra/deploy/sam_build.py").python312()
     return found
+
+
+@pytest.fixture(scope="session")
+def sam_image() -> str:
+    """The python3.12 Lambda base image, built (or found current) by the project's own script; the
+    Docker engine installed and started when absent (`make sam-image`)."""
+    started = time.monotonic()
+    subprocess.run(["bash", str(ROOT / "infra/samlocal/build_image.sh")], check=True, timeout=900)
+    print(f"sam-image ready in {time.monotonic() - started:.1f} s")
+    return "public.ecr.aws/lambda/python:3.12-x86_64"
 
 
 @pytest.fixture(scope="session")

@@ -40,15 +40,6 @@ BOTO_TEST = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_se
 
 
 @pytest.fixture(scope="module")
-def sam_image() -> str:
-    """The python3.12 base image, built (or found current) by the project's own script."""
-    started = time.monotonic()
-    subprocess.run(["bash", str(ROOT / "infra/samlocal/build_image.sh")], check=True, timeout=900)
-    print(f"sam-image ready in {time.monotonic() - started:.1f} s")
-    return "public.ecr.aws/lambda/python:3.12-x86_64"
-
-
-@pytest.fixture(scope="module")
 def bridge(sam_image: str) -> Iterator[dict[str, str]]:
     """host.docker.internal's address, and this machine's services relayed there on free ports."""
     forward = load_script("infra/samlocal/forward.py")
