@@ -112,6 +112,7 @@ def build() -> dict[str, Any]:
         # --- requests
         "Credentials": body_schema(api.CREDENTIALS),
         "RefreshTokenRequest": body_schema(api.REFRESH_TOKEN),
+        "AccountDeletion": body_schema(api.ACCOUNT_DELETION),
         "ChatCreate": body_schema(api.NEW_CHAT),
         "ChatRename": body_schema(api.CHAT_RENAME),
         "MessageCreate": body_schema(api.NEW_MESSAGE),
@@ -558,7 +559,9 @@ def build() -> dict[str, Any]:
                     "429": r("RateLimited"),
                     "503": r("ServiceUnavailable"),
                 },
-                description="Limited per email and per client IP before the password hash is computed.",
+                description="Every attempt counts per client IP, failed ones per email and client IP "
+                "(failures from other addresses never refuse the owner's login); both are checked before the "
+                "password hash is computed.",
                 body="Credentials",
                 security=public,
             )
@@ -601,7 +604,26 @@ def build() -> dict[str, Any]:
                 "The signed-in user",
                 "auth",
                 {**ok("200", "The user", ref("User"), extra_headers=rate_headers), **authed},
-            )
+            ),
+            "delete": operation(
+                "deleteAccount",
+                "Delete the account",
+                "auth",
+                {
+                    "204": limited("Deleted", None),
+                    **with_body,
+                    **authed,
+                    "401": error(
+                        "Missing, malformed, expired or forged access token, or the wrong password",
+                        ["unauthorized", "invalid_token", "invalid_credentials"],
+                    ),
+                },
+                description="Needs the account's password. A running generation is ended first; the "
+                "user's chats, messages, generations and tokens are deleted; usage and audit records stay, "
+                "keyed by the id alone. Afterwards every token of the account answers `401 invalid_token`. "
+                "Wrong passwords are limited like failed logins.",
+                body="AccountDeletion",
+            ),
         },
         "/api/chats": {
             "get": operation(

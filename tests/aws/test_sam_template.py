@@ -20,6 +20,7 @@ from aws_support import ROOT, load_script, run_tool
 pytestmark = pytest.mark.slow
 
 STREAM_TIMEOUT_MS = 900_000
+NO_VALUE = {"Ref": "AWS::NoValue"}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,14 @@ def test_stream_function_runs_behind_the_web_adapter(translated: dict[str, Any])
     assert (ROOT / "functions" / "stream" / "run.sh").stat().st_mode & 0o111
     assert function["Timeout"] == 900
     env = function["Environment"]["Variables"]
+    # SPEC §7.4: connections per user are limited, and the function's concurrency is reserved (and capped).
+    reserved = function["ReservedConcurrentExecutions"]
+    assert reserved == {
+        "Fn::If": ["ReservesStreamConcurrency", {"Ref": "StreamReservedConcurrency"}, NO_VALUE]
+    }
+    prod = tomllib.loads((ROOT / "samconfig.toml").read_text())["prod"]["deploy"]["parameters"]
+    assert "StreamReservedConcurrency=" in prod["parameter_overrides"]
+    assert env["MINICHAT_MAX_STREAMS_PER_USER"] == {"Ref": "MaxStreamsPerUser"}
     assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
     assert env["AWS_LWA_INVOKE_MODE"] == "response_stream"
     assert env["AWS_LWA_READINESS_CHECK_PATH"] == "/_ready"

@@ -281,6 +281,7 @@ def _secured_requests(world: World) -> list[tuple[str, str, Any]]:
     return [
         ("POST", "/api/auth/logout", {"refreshToken": world.owner.refresh}),
         ("GET", "/api/auth/me", None),
+        ("DELETE", "/api/auth/me", {"password": world.owner.password}),
         ("GET", "/api/chats", None),
         ("POST", "/api/chats", {"title": "forged"}),
         ("GET", f"/api/chats/{chat}", None),

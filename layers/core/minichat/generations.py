@@ -17,7 +17,7 @@ from psycopg import errors as pg_errors
 from minichat import auth, db, events, kv, limits
 from minichat.chats import delete_chat as _delete_chat_rows
 from minichat.chats import insert_message, owned_chat_for_update
-from minichat.errors import GenerationInFlight, NotFound, ServiceUnavailable
+from minichat.errors import GenerationInFlight, InvalidToken, NotFound, ServiceUnavailable
 from minichat.log import get_logger
 from minichat.serialize import iso
 
@@ -402,6 +402,9 @@ def open_for_stream(
         row = conn.execute(
             f"SELECT {COLUMNS} FROM generations WHERE id = %s AND user_id = %s", (generation_id, user_id)
         ).fetchone()
+        if row is None and conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
+            # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
+            raise InvalidToken("This account no longer exists.")
     if row is None:
         raise NotFound("Generation not found.")
     return row, None

@@ -359,9 +359,6 @@ SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[]
 ON CONFLICT (fingerprint) DO NOTHING
 """
 
-# FOR KEY SHARE: a user deleted between this check and the insert would break the FK and abort the batch.
-_KNOWN_USERS_SQL = "SELECT id FROM users WHERE id = ANY(%s::uuid[]) FOR KEY SHARE"
-
 
 def record_batch(conn: psycopg.Connection[Any], messages: Iterable[MqMessage]) -> BatchResult:
     """Record decoded messages in one transaction on `conn`; invalid ones become dead letters."""
@@ -391,10 +388,9 @@ def record_batch(conn: psycopg.Connection[Any], messages: Iterable[MqMessage]) -
     with conn.transaction():
         cur = conn.cursor(row_factory=tuple_row)
         if usage:
-            user_ids = sorted({event.user_id for _, event in usage})
-            known = {row[0] for row in cur.execute(_KNOWN_USERS_SQL, (user_ids,))}
-            dead.extend((message, "userId is not a user") for message, e in usage if e.user_id not in known)
-            _insert_usage(cur, [event for _, event in usage if event.user_id in known], result)
+            # No check that the user exists: usage outlives a deleted account (SPEC §7.4), and an event
+            # recorded just before the deletion may well arrive after it.
+            _insert_usage(cur, [event for _, event in usage], result)
         if audit:
             _insert_audit(cur, audit, result)
         if dead:
