@@ -154,17 +154,17 @@ def _run_idempotent(view: Callable[..., Any], params: dict[str, str], status: in
     fingerprint = idempotency.fingerprint(
         method=request.method, path=request.context.get("path", request.path), body=request.raw_body or b""
     )
-    replay = idempotency.claim(user_id=user_id, key=key, request_hash=fingerprint)
-    if replay is not None:
+    claim = idempotency.claim(user_id=user_id, key=key, request_hash=fingerprint)
+    if isinstance(claim, idempotency.Replay):
         return Response(
-            body=replay.body, status_code=replay.status, headers={**_JSON, "Idempotent-Replayed": "true"}
+            body=claim.body, status_code=claim.status, headers={**_JSON, "Idempotent-Replayed": "true"}
         )
     try:
         response = _run(view, params, status)
     except BaseException:
-        idempotency.release(user_id=user_id, key=key)  # nothing was created: the key may be used again
+        idempotency.release(claim)  # nothing was created: the key may be used again
         raise
-    idempotency.store(user_id=user_id, key=key, status=response.status_code, body=response.body)
+    idempotency.store(claim, status=response.status_code, body=response.body)
     return response
 
 

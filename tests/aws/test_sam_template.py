@@ -114,6 +114,7 @@ def _handler_exists(code_dir: str, handler: str) -> bool:
         ("WorkerFunction", "functions/worker", "handler.handler"),
         ("RelayFunction", "functions/worker", "jobs.relay_handler"),
         ("ReaperFunction", "functions/worker", "jobs.reaper_handler"),
+        ("PurgeFunction", "functions/worker", "jobs.purge_handler"),
         ("MigrateFunction", "functions/worker", "jobs.migrate_handler"),
     ],
 )
@@ -248,6 +249,7 @@ def test_schedules_run_the_relay_and_the_reaper_every_minute(translated: dict[st
         for target in rule["Properties"]["Targets"]
     }
     by_function = {re.search(r'"(\w+Function)"', arn).group(1): expr for arn, expr in targets.items()}  # type: ignore[union-attr]
+    assert by_function.pop("PurgeFunction") == "rate(1 hour)"  # issue 11: expired keys, old rows
     assert by_function == {"RelayFunction": "rate(1 minute)", "ReaperFunction": "rate(1 minute)"}
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "close_relay",
     "get_relay",
     "publish_pending",
+    "purge_published",
     "record_audit",
     "record_usage",
     "relay_handler",
@@ -330,6 +331,20 @@ def publish_pending(*, limit: int = 500) -> int:
 def sweep(*, limit: int = 500, time_budget: float = 50.0) -> int:
     """Publish every pending row until none is left or the budget is spent; raises ServiceUnavailable."""
     return get_relay().sweep(limit=limit, time_budget=time_budget)
+
+
+# Published rows stay a week: enough to see what was sent when something downstream went wrong.
+PUBLISHED_KEPT_S = 7 * 86400
+
+
+def purge_published(conn: Conn, *, limit: int) -> int:
+    """Delete up to `limit` rows published more than a week ago, oldest first (one batch of the purge job)."""
+    cur = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+        " WHERE published_at < now() - make_interval(secs => %s) ORDER BY id LIMIT %s)",
+        (PUBLISHED_KEPT_S, limit),
+    )
+    return cur.rowcount
 
 
 def relay_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
