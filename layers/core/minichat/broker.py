@@ -24,7 +24,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from minichat.config import get_settings
 from minichat.errors import ServiceUnavailable
-from minichat.events import AUDIT_QUEUE, USAGE_QUEUE
+from minichat.event_schema import QUEUES
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -40,7 +40,6 @@ __all__ = [
     "replay_dead_letters",
 ]
 
-QUEUES: tuple[str, ...] = (USAGE_QUEUE, AUDIT_QUEUE)
 DEAD_LETTER_EXCHANGE = "minichat.dlx"
 # Deliveries before a message is dead-lettered. High enough that the local consumer's backoff (0.5 s
 # doubling to 30 s) rides out several minutes of database outage; low enough that a poison batch stops.

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from minichat.db import Conn, after_commit, transaction
 from minichat.errors import ServiceUnavailable
+from minichat.event_schema import AUDIT_QUEUE, USAGE_QUEUE, AuditEvent, UsageEvent
 from minichat.log import get_logger
 
 if TYPE_CHECKING:
@@ -43,14 +44,6 @@ __all__ = [
     "run_relay",
     "sweep",
 ]
-
-USAGE_QUEUE = "usage_event"
-AUDIT_QUEUE = "audit_event"
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
 
 _commit_listener: Callable[[], None] | None = None
 
@@ -85,19 +78,15 @@ def record_audit(
     conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
 ) -> str:
     """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
-    event_id = str(uuid.uuid4())
-    _enqueue(
-        conn,
-        AUDIT_QUEUE,
-        {
-            "eventId": event_id,
-            "userId": str(user_id) if user_id else None,
-            "action": action,
-            "metadata": metadata or {},
-            "occurredAt": _now_iso(),
-        },
+    event = AuditEvent(
+        event_id=uuid.uuid4(),
+        user_id=uuid.UUID(str(user_id)) if user_id else None,
+        action=action,
+        metadata=metadata or {},
+        occurred_at=datetime.now(UTC),
     )
-    return event_id
+    _enqueue(conn, AUDIT_QUEUE, event.payload())
+    return str(event.event_id)
 
 
 def record_usage(
@@ -111,22 +100,18 @@ def record_usage(
     estimated: bool,
 ) -> str:
     """Write a usage event to the outbox, in the transaction that ends the generation."""
-    event_id = str(uuid.uuid4())
-    _enqueue(
-        conn,
-        USAGE_QUEUE,
-        {
-            "eventId": event_id,
-            "userId": str(user_id),
-            "generationId": str(generation_id),
-            "model": model,
-            "inputTokens": int(input_tokens),
-            "outputTokens": int(output_tokens),
-            "estimated": bool(estimated),
-            "occurredAt": _now_iso(),
-        },
+    event = UsageEvent(
+        event_id=uuid.uuid4(),
+        user_id=uuid.UUID(str(user_id)),
+        generation_id=uuid.UUID(str(generation_id)),
+        model=model,
+        input_tokens=int(input_tokens),
+        output_tokens=int(output_tokens),
+        estimated=bool(estimated),
+        occurred_at=datetime.now(UTC),
     )
-    return event_id
+    _enqueue(conn, USAGE_QUEUE, event.payload())
+    return str(event.event_id)
 
 
 # ---------------------------------------------------------------------------------------------------------
