@@ -69,12 +69,17 @@ class TopologyMismatch(RuntimeError):
     """A queue exists with other arguments than ours (RabbitMQ refuses to redeclare it)."""
 
 
-def connection_parameters(url: str | None = None, *, name: str = "minichat") -> pika.URLParameters:
-    """Parameters for RABBITMQ_URL: amqps:// verifies the server certificate and host name (Amazon MQ)."""
+def connection_parameters(
+    url: str | None = None, *, name: str = "minichat", defaults: dict[str, Any] | None = None
+) -> pika.URLParameters:
+    """Parameters for RABBITMQ_URL: amqps:// verifies the server certificate and host name (Amazon MQ).
+
+    `defaults` replace some of ours (the publisher's short timeouts); what the URL sets always wins.
+    """
     url = url or get_settings().rabbitmq_url
     params = pika.URLParameters(url)
     given = parse_qs(urlsplit(url).query)
-    for key, value in _DEFAULTS.items():
+    for key, value in {**_DEFAULTS, **(defaults or {})}.items():
         if key not in given:
             setattr(params, key, value)
     if params.ssl_options is not None and params.ssl_options.server_hostname is None:
@@ -87,10 +92,12 @@ def connection_parameters(url: str | None = None, *, name: str = "minichat") -> 
     return params
 
 
-def connect(url: str | None = None, *, name: str = "minichat") -> pika.BlockingConnection:
+def connect(
+    url: str | None = None, *, name: str = "minichat", defaults: dict[str, Any] | None = None
+) -> pika.BlockingConnection:
     """A new blocking connection; BrokerUnavailable when the broker cannot be reached."""
     try:
-        return pika.BlockingConnection(connection_parameters(url, name=name))
+        return pika.BlockingConnection(connection_parameters(url, name=name, defaults=defaults))
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise BrokerUnavailable() from exc
 
