@@ -94,7 +94,7 @@ one delta, usage and done, numbered from 1, and `Last-Event-ID` is ignored.
 
 
 def build() -> dict[str, Any]:
-    from minichat import errors, validate
+    from minichat import chats, errors, validate
     from minichat_local.functions import load_function
 
     api = load_function("api")
@@ -431,8 +431,16 @@ def build() -> dict[str, Any]:
         "Cursor": {
             "name": "cursor",
             "in": "query",
-            "description": "The `nextCursor` of the previous page (opaque; anything else is `400`).",
-            "schema": {"type": "string"},
+            "description": "The `nextCursor` of the previous page (opaque; empty: the first page). Any value "
+            "of this shape names a position in the list; anything else is `400`.",
+            "schema": {"type": "string", "pattern": validate.cursor_pattern(chats.MESSAGES_CURSOR_SIZE)},
+        },
+        "ChatsCursor": {
+            "name": "cursor",
+            "in": "query",
+            "description": "The `nextCursor` of the previous page (opaque; empty: the first page). Any value "
+            "of this shape names a position in the list; anything else is `400`.",
+            "schema": {"type": "string", "pattern": validate.cursor_pattern(chats.CHATS_CURSOR_SIZE)},
         },
         "IdempotencyKey": {
             "name": "Idempotency-Key",
@@ -450,7 +458,9 @@ def build() -> dict[str, Any]:
         "From": {
             "name": "from",
             "in": "query",
-            "description": "First UTC day (default: 29 days before `to`). At most 366 days, not after `to`.",
+            "description": "First UTC day (default: 29 days before `to`). A reply covers at most 366 days: "
+            "an earlier `from` reads as 365 days before `to`. A `from` after `to` is an empty range (no "
+            "days, zero totals).",
             "schema": {"type": "string", "format": "date"},
         },
         "To": {
@@ -631,7 +641,7 @@ def build() -> dict[str, Any]:
                 "The user's chats",
                 "chats",
                 {"200": limited("A page of chats", ref("ChatList")), "400": r("BadQuery"), **authed},
-                params=["Limit", "Cursor"],
+                params=["Limit", "ChatsCursor"],
             ),
             "post": operation(
                 "createChat",

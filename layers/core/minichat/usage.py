@@ -28,7 +28,7 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from minichat.db import transaction
-from minichat.errors import ServiceUnavailable, ValidationError
+from minichat.errors import ServiceUnavailable
 from minichat.event_schema import (
     AUDIT_QUEUE,
     USAGE_QUEUE,
@@ -361,12 +361,13 @@ def _handle(event: Mapping[str, Any]) -> dict[str, Any]:
 def daily_totals(
     conn: psycopg.Connection[Any], *, user_id: str | uuid.UUID, day_from: date, day_to: date
 ) -> dict[str, Any]:
-    """The user's tokens for every UTC day in [day_from, day_to] (zeros included) and the range's totals."""
-    if day_to < day_from:
-        raise ValidationError("`from` must not be after `to`.", field="from")
-    span = (day_to - day_from).days + 1
-    if span > MAX_RANGE_DAYS:
-        raise ValidationError(f"The range may cover at most {MAX_RANGE_DAYS} days.", field="from")
+    """The user's tokens for every UTC day in [day_from, day_to] (zeros included) and the range's totals.
+
+    Every pair of days is a valid range (the API's schema cannot say otherwise): one longer than
+    MAX_RANGE_DAYS is its last MAX_RANGE_DAYS days, and `day_from` after `day_to` is an empty range.
+    """
+    span = min(max(0, (day_to - day_from).days + 1), MAX_RANGE_DAYS)
+    day_from = day_to - timedelta(days=span - 1) if span else day_to
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
         "SELECT day, input_tokens, output_tokens FROM daily_usage"
