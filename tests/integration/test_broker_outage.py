@@ -16,15 +16,16 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pika
 import psycopg
 import pytest
+from test_relay import broker_url as _empty_topology  # noqa: F401 - a fixture: empty queues
+from test_relay import drain
 
 from helpers import Account, Api, EventStream
 from minichat import events
-from minichat.broker import QUEUES, dead_letter_queue
+from minichat.broker import QUEUES
 from minichat.config import get_settings, set_settings
 
 pytestmark = pytest.mark.slow
@@ -100,29 +101,8 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def clean_queues(broker_vhost: str) -> Iterator[str]:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_vhost))
-    channel = connection.channel()
-    for queue in QUEUES:
-        channel.queue_delete(queue)
-        channel.queue_delete(dead_letter_queue(queue))
-    connection.close()
-    yield broker_vhost
-
-
-def _drain_ids(url: str) -> list[str]:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    channel = connection.channel()
-    ids = []
-    for queue in QUEUES:
-        while True:
-            method, properties, _ = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                break
-            ids.append(properties.message_id)
-    connection.close()
-    return ids
+def _delivered_ids(url: str) -> list[str]:
+    return [str(p.message_id) for queue in QUEUES for p, _ in drain(url, queue)]
 
 
 def _p99(samples: list[float]) -> float:
@@ -150,10 +130,12 @@ def _calls(api: Api, user: Account, chat_id: str) -> dict[str, float]:
     return timings
 
 
+@pytest.mark.usefixtures("_empty_topology")
 def test_a_broker_outage_costs_requests_no_time_and_loses_no_event(
-    api: Api, db: psycopg.Connection, clean_queues: str
+    api: Api, db: psycopg.Connection, broker_vhost: str
 ) -> None:
-    vhost = clean_queues.rsplit("/", 1)[1]
+    broker_url = broker_vhost
+    vhost = broker_url.rsplit("/", 1)[1]
     path = BrokerPath()
     never_accepts = socket.socket()
     never_accepts.bind(("127.0.0.1", 0))
@@ -194,7 +176,7 @@ def test_a_broker_outage_costs_requests_no_time_and_loses_no_event(
         path.restore()
 
         # The broker is back: the sweep delivers everything the outages left in the outbox.
-        use(clean_queues)
+        use(broker_url)
         deadline = time.monotonic() + 60
         while db.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone() != (0,):
             assert time.monotonic() < deadline, "the sweep did not deliver the outbox"
@@ -218,7 +200,7 @@ def test_a_broker_outage_costs_requests_no_time_and_loses_no_event(
             assert median[name][call] <= median["up"][call] + ALLOWED_MS, (name, call, median)
 
     outbox = {row[0] for row in db.execute("SELECT event_id::text FROM outbox")}
-    delivered = _drain_ids(clean_queues)
+    delivered = _delivered_ids(broker_url)
     assert len(outbox) >= ROUNDS * len(scenarios) * CALLS_PER_ROUND * 3  # login, created, finished
     assert set(delivered) == outbox  # every event arrived after the outage
     assert len(delivered) - len(set(delivered)) <= len(outbox) // 100  # at-least-once, rarely twice
