@@ -11,7 +11,6 @@ import contextlib
 import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -112,7 +111,7 @@ async def _take_slot(engine: Engine, user_id: str) -> str | None:
     """One of the user's stream connections (SPEC §7.4: at most `max_streams_per_user` at once), or
     RateLimited; InvalidToken once the account is deleted. None: Redis is down, the connection is not
     counted (streams of generations already running keep working through a Redis outage)."""
-    slot = uuid.uuid4().hex
+    slot = f"{random.getrandbits(128):032x}"  # unique, not secret (see _request_id)
     try:
         taken = await limits.open_stream_async(
             engine.redis,

@@ -30,8 +30,10 @@ from minichat.config import get_settings, set_settings
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 5
-CALLS_PER_ROUND = 12
+# The machine is shared and busy: scenarios alternate round by round, and each outage is compared with
+# the broker-up run of its own round (the load of that moment), the median over the rounds decides.
+ROUNDS = 7
+CALLS_PER_ROUND = 10
 ALLOWED_MS = 100.0
 BROKER = ("127.0.0.1", 5672)
 
@@ -190,14 +192,26 @@ def test_a_broker_outage_costs_requests_no_time_and_loses_no_event(
         path.close()
         never_accepts.close()
 
-    print(f"\nbroker outage, Lambda's publish path: median over {ROUNDS} rounds of each round's p99 (ms)")
-    print(f"{'':>12} {'login':>8} {'create':>8} {'done':>8}")
     median = {s: {c: statistics.median(v) for c, v in calls.items()} for s, calls in p99s.items()}
+    extra = {
+        name: {
+            call: statistics.median(d - u for d, u in zip(p99s[name][call], p99s["up"][call], strict=True))
+            for call in ("login", "create", "done")
+        }
+        for name in ("silent", "refused", "unanswered")
+    }
+    print(f"\nbroker outage, Lambda's publish path, {ROUNDS} rounds of {CALLS_PER_ROUND} calls (ms)")
+    print(f"{'median p99':>12} {'login':>8} {'create':>8} {'done':>8}   extra p99 over up (median of rounds)")
     for name, calls in median.items():
-        print(f"{name:>12} " + " ".join(f"{calls[c]:8.1f}" for c in ("login", "create", "done")))
-    for name in ("silent", "refused", "unanswered"):
-        for call in ("login", "create", "done"):
-            assert median[name][call] <= median["up"][call] + ALLOWED_MS, (name, call, median)
+        over = (
+            "".join(f"{extra[name][c]:+8.1f}" for c in ("login", "create", "done")) if name in extra else ""
+        )
+        print(
+            f"{name:>12} " + " ".join(f"{calls[c]:8.1f}" for c in ("login", "create", "done")) + f"   {over}"
+        )
+    for name, calls in extra.items():
+        for call, ms in calls.items():
+            assert ms <= ALLOWED_MS, (name, call, extra)
 
     outbox = {row[0] for row in db.execute("SELECT event_id::text FROM outbox")}
     delivered = _delivered_ids(broker_url)

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from minichat.config import get_settings
 from minichat.errors import ServiceUnavailable
@@ -98,7 +99,9 @@ def connect(
     """A new blocking connection; BrokerUnavailable when the broker cannot be reached."""
     try:
         return pika.BlockingConnection(connection_parameters(url, name=name, defaults=defaults))
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    # AMQPConnectorException: a handshake that timed out (a peer that accepts and never answers) is not
+    # an AMQPError; it escaped as an unexpected error, and nobody backed off.
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
         raise BrokerUnavailable() from exc
 
 
