@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup dev test lint fmt unit integration bench migrate clean
+.PHONY: setup dev test lint fmt unit integration bench migrate sam-image clean
 
 # Create the virtualenv if missing and install the core package (editable) with the functions'
 # and the tools' dependencies, pinned by constraints.txt. Re-runs only when those files change.
@@ -43,6 +43,12 @@ integration: setup
 ## Benchmarks (never part of `make test`): each prints its figures beside a baseline from the same run.
 bench: setup
 	@$(PY) bench/run.py
+
+## `sam local` here: the Docker engine, the python3.12 Lambda base image (built locally), then `sam build`.
+sam-image: setup
+	@bash infra/samlocal/build_image.sh
+	@bash infra/deploy/aws_tools.sh >/dev/null
+	@SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=us-east-1 $(VENV)/aws-tools/bin/sam build
 
 migrate: setup
 	@$(PY) -m minichat.migrate

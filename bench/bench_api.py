@@ -113,13 +113,13 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def _postgres_cpu() -> dict[int, float]:
+def _postgres_cpu(database: str = BENCH_DB) -> dict[int, float]:
     """CPU seconds of each PostgreSQL backend connected to the bench database, by pid.
 
     Backends title themselves `postgres: <cluster>: <user> <database> <client> <state>`; other
     databases' backends (other people's tests on the machine) are left out.
     """
-    marker = f" {BENCH_DB} ".encode()
+    marker = f" {database} ".encode()
     found: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -148,6 +148,7 @@ class CpuMeter:
     """CPU seconds used between start() and stop() by the server, PostgreSQL, this process, and the rest."""
 
     server_pid: int | None
+    database: str = BENCH_DB  # whose PostgreSQL backends count
     server: float | None = None
     postgres: float | None = None
     client: float = 0.0
@@ -162,7 +163,7 @@ class CpuMeter:
     def _read(self) -> tuple[float | None, dict[int, float] | None, float | None]:
         try:
             srv = _tree_cpu(self.server_pid) if self.server_pid else None
-            return srv, _postgres_cpu(), _system_busy()
+            return srv, _postgres_cpu(self.database), _system_busy()
         except (OSError, ValueError, IndexError):
             return None, None, None  # no /proc: CPU columns show "-"
 
@@ -308,9 +309,10 @@ async def load(
     warmup: float,
     seconds: float,
     server_pid: int | None,
+    database: str = BENCH_DB,
 ) -> Figure:
     """Closed loop: one client per request in `requests`, each resending it as soon as it is answered."""
-    figure = Figure(name, clients=len(requests), cpu=CpuMeter(server_pid))
+    figure = Figure(name, clients=len(requests), cpu=CpuMeter(server_pid, database))
     probe_before = cpu_probe()
     conns = [HttpConn(port) for _ in requests]
     await asyncio.gather(*(c.connect() for c in conns))
@@ -405,7 +407,9 @@ def spawn(name: str, argv: list[str], env: dict[str, str], port: int) -> Server:
     return Server.spawn(name, argv, env, port)
 
 
-def server_env() -> dict[str, str]:
+def server_env(
+    database_url: str = DATABASE_URL, redis_url: str = REDIS_URL, broker_url: str = BROKER_URL
+) -> dict[str, str]:
     """Local mode's environment: the bench's own services; MINICHAT_WORKERS passes through when set."""
     env = {
         k: v
@@ -416,9 +420,9 @@ def server_env() -> dict[str, str]:
         {
             "MINICHAT_ENV": "local",
             "MINICHAT_ROOT": str(ROOT),
-            "DATABASE_URL": DATABASE_URL,
-            "REDIS_URL": REDIS_URL,
-            "RABBITMQ_URL": BROKER_URL,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RABBITMQ_URL": broker_url,
             "MINICHAT_JWT_SECRET": "bench-" + secrets.token_urlsafe(48),
             "MINICHAT_LOG_LEVEL": "WARNING",
             # Rate limits stay on (their Redis round trip is part of every request's cost) but high
@@ -662,10 +666,16 @@ async def http_phases(report: Report, api: Server, hello: Server) -> None:
         set_settings(None)
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
         # Exactly the statement chats.list_messages runs (its rows: each message's JSON).
-        params = {"after": 0, "limit": MESSAGES, "chat_id": chat["id"], "user_id": owner["user"]["id"]}
+        params = {
+            "after": 0,
+            "limit": MESSAGES,
+            "chat_id": chat["id"],
+            "user_id": owner["user"]["id"],
+            "leaf_id": None,
+        }
         report.figures["sql1"] = timed_loop(
             "bare SELECT (psycopg, autocommit)",
-            lambda: conn.execute(chats._LIST_MESSAGES, params).fetchall(),
+            lambda: conn.execute(chats._LIST_PATH, params).fetchall(),
             warmup=plan.warmup,
             seconds=plan.solo_seconds,
         )

@@ -114,7 +114,7 @@ def build() -> dict[str, Any]:
         "RefreshTokenRequest": body_schema(api.REFRESH_TOKEN),
         "AccountDeletion": body_schema(api.ACCOUNT_DELETION),
         "ChatCreate": body_schema(api.NEW_CHAT),
-        "ChatRename": body_schema(api.CHAT_RENAME),
+        "ChatUpdate": body_schema(api.CHAT_UPDATE),
         "MessageCreate": body_schema(api.NEW_MESSAGE),
         "GenerationCreate": generation_create,
         "ModelId": {
@@ -149,6 +149,12 @@ def build() -> dict[str, Any]:
                 },
                 "createdAt": TIMESTAMP,
                 "updatedAt": TIMESTAMP,
+                "activeLeafId": {
+                    **nullable(UUID),
+                    "description": "The last message of the branch the chat shows (null while it is empty). "
+                    "A create moves it to the new user message (to the parent, for a regenerate); the "
+                    "end of the generation to the new answer.",
+                },
             }
         ),
         "ChatList": obj(
@@ -159,6 +165,10 @@ def build() -> dict[str, Any]:
             {
                 "id": UUID,
                 "chatId": UUID,
+                "parentId": {
+                    **nullable(UUID),
+                    "description": "The message this one follows; null at the root of a branch.",
+                },
                 "role": {"enum": ["user", "assistant", "system"]},
                 "content": {"type": "string"},
                 "generationId": {
@@ -166,11 +176,18 @@ def build() -> dict[str, Any]:
                     "description": "The generation an assistant message came from.",
                 },
                 "createdAt": TIMESTAMP,
+                "siblingIds": {
+                    "type": "array",
+                    "items": UUID,
+                    "minItems": 1,
+                    "description": "The messages sharing its parent and role, itself included, oldest "
+                    "first: the versions a client can switch between (`2 / 3`).",
+                },
             }
         ),
         "MessageList": obj(
             {"items": {"type": "array", "items": ref("Message")}, "nextCursor": ref("Cursor")},
-            description="Oldest first; stable under inserts.",
+            description="One path of the chat's tree, root first; stable while a generation appends.",
         ),
         "Cursor": {
             "type": ["string", "null"],
@@ -200,6 +217,11 @@ def build() -> dict[str, Any]:
                 "requestId": {
                     "type": ["string", "null"],
                     "description": "The X-Request-Id of the request that created it.",
+                },
+                "finishReason": {
+                    "enum": ["stop", "length", None],
+                    "description": "Why the model ended: `stop` (it finished), `length` (maxTokens or the "
+                    "200,000-character bound reached); null unless the generation succeeded.",
                 },
             }
         ),
@@ -421,6 +443,13 @@ def build() -> dict[str, Any]:
             "in": "path",
             "required": True,
             "schema": {"type": "string", "pattern": validate.UUID_PATTERN},
+        },
+        "LeafId": {
+            "name": "leafId",
+            "in": "query",
+            "description": "List the path to this message of the chat instead of the active one (any other "
+            "id, or one that is not a UUID, is `404`).",
+            "schema": {"type": "string", "format": "uuid"},
         },
         "Limit": {
             "name": "limit",
@@ -676,15 +705,18 @@ def build() -> dict[str, Any]:
             ),
             "patch": operation(
                 "renameChat",
-                "Rename a chat",
+                "Rename a chat, or switch its branch",
                 "chats",
                 {
-                    "200": limited("The renamed chat", ref("Chat")),
+                    "200": limited("The chat", ref("Chat")),
                     **with_body,
                     "404": r("NotFound"),
                     **authed,
                 },
-                body="ChatRename",
+                description="`title` renames (and bumps `updatedAt`). `activeLeafId` switches branches: it "
+                "may name any message of the chat, and the chat then shows the newest leaf under it (the "
+                "message itself when nothing follows it); another chat's message is `404`.",
+                body="ChatUpdate",
             ),
             "delete": operation(
                 "deleteChat",
@@ -699,7 +731,7 @@ def build() -> dict[str, Any]:
             "parameters": [p("ChatId")],
             "get": operation(
                 "listMessages",
-                "A chat's messages",
+                "A chat's messages: the path to its active leaf",
                 "messages",
                 {
                     "200": limited("A page of messages", ref("MessageList")),
@@ -707,7 +739,10 @@ def build() -> dict[str, Any]:
                     "404": r("NotFound"),
                     **authed,
                 },
-                params=["Limit", "Cursor"],
+                description="A chat's messages form a tree (regenerated answers and edited messages are "
+                "siblings). This lists the path from the root to the chat's `activeLeafId` (or to "
+                "`leafId`), oldest first; other branches show only as `siblingIds`.",
+                params=["LeafId", "Limit", "Cursor"],
             ),
             "post": operation(
                 "addMessage",
@@ -766,9 +801,14 @@ def build() -> dict[str, Any]:
                     ),
                     "503": r("ServiceUnavailable"),
                 },
-                description="With `content`, that user message is appended first, in the same transaction. "
-                "One generation in flight per user. The model sees the system prompt and the chat "
-                "history (oldest turns dropped first when it would not fit).",
+                description="With `content`, that user message is appended after the active leaf first, in "
+                "the same transaction; with `content` and `editOf`, beside that message instead (edit and "
+                "resend); with `regenerateOf` alone, a new answer to the same prompt. The chat's "
+                "`activeLeafId` moves to the new user message (to the parent, for a regenerate), and to the "
+                "answer when it ends. One generation in flight per user. The model sees the system prompt "
+                "and the path that leads to the answer, nothing from other branches (oldest turns dropped "
+                "first when it would not fit). `editOf` / `regenerateOf` of another chat is `404`; of the "
+                "wrong role, or combined as the schema forbids, `400 validation_error` naming the field.",
                 body="GenerationCreate",
                 body_required=False,
                 params=["IdempotencyKey"],

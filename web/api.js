@@ -308,6 +308,8 @@ export const api = {
   createChat: () => request("POST", "/api/chats", { body: {} }),
   getChat: (id) => request("GET", `/api/chats/${enc(id)}`),
   renameChat: (id, title) => request("PATCH", `/api/chats/${enc(id)}`, { body: { title } }),
+  // The chat then shows the newest leaf under that message (the server's choice: see the README).
+  switchBranch: (id, messageId) => request("PATCH", `/api/chats/${enc(id)}`, { body: { activeLeafId: messageId } }),
   deleteChat: (id) => request("DELETE", `/api/chats/${enc(id)}`),
   listMessages: (id, cursor, limit = 100) =>
     request("GET", `/api/chats/${enc(id)}/messages?limit=${limit}${cursor ? `&cursor=${enc(cursor)}` : ""}`),

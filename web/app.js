@@ -35,6 +35,7 @@ const state = {
   openSeq: 0,
   live: null, // {generationId, chatId, text, status, error, usage, stopping, stream, el}
   sending: false,
+  editing: null, // {id, text}: the user message being edited in place
   models: [],
   model: localStorage.getItem(MODEL_KEY) || "",
   settings: readSettings(),
@@ -71,6 +72,9 @@ const ICONS = {
   spark: '<path d="M12 3l1.9 5.1L19 10l-5.1 1.9L12 17l-1.9-5.1L5 10l5.1-1.9z"/>',
   copy: '<rect x="9" y="9" width="11" height="11" rx="2"/><path d="M5 15V6a2 2 0 0 1 2-2h9"/>',
   check: '<path d="M5 12.5l4.5 4.5L19 7.5"/>',
+  regenerate: '<path d="M20 12a8 8 0 1 1-2.34-5.66"/><path d="M20 4v5h-5"/>',
+  prev: '<path d="M14.5 6l-6 6 6 6"/>',
+  next: '<path d="M9.5 6l6 6-6 6"/>',
 };
 function icon(name) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
@@ -658,6 +662,7 @@ async function openChat(chatId, { force = false } = {}) {
   state.currentChatId = chatId;
   state.currentChat = state.chats.find((c) => c.id === chatId) || null;
   state.messages = [];
+  state.editing = null;
   renderHeading();
   renderChatList();
   renderMessages({ loading: true });
@@ -688,16 +693,33 @@ async function openChat(chatId, { force = false } = {}) {
   }
 }
 
-/** Reload the open chat's messages (another tab wrote to it, or an answer finished elsewhere). */
-async function refreshMessages() {
+/** Reload the open chat's messages: the branch it shows (another tab wrote to it, an answer finished, the
+ * user switched branches). `anchor`: keep that message in view instead of scrolling to the bottom. */
+async function refreshMessages({ anchor = null } = {}) {
   const chatId = state.currentChatId;
   if (!chatId) return;
   const seq = state.openSeq;
   const messages = await fetchAllMessages(chatId);
   if (seq !== state.openSeq || chatId !== state.currentChatId) return;
-  state.messages = messages;
+  state.messages = keepEndings(messages, state.messages);
   renderMessages();
-  scrollToBottom(true);
+  const node = anchor && $("messages").querySelector(`[data-message-id="${CSS.escape(anchor)}"]`);
+  if (node) node.scrollIntoView({ block: "nearest" });
+  else scrollToBottom(true);
+}
+
+/** What only this tab knows survives a reload of the list: how its answers ended ("Stopped", an error),
+ * and an answer that ended with no text at all (nothing was stored) after the message it answered. */
+function keepEndings(messages, shown) {
+  const ended = new Map(shown.filter((m) => m.status).map((m) => [m.generationId, m]));
+  const merged = messages.map((m) => {
+    const e = m.role === "assistant" && ended.get(m.generationId);
+    return e ? { ...m, status: e.status, errorText: e.errorText } : m;
+  });
+  const last = shown[shown.length - 1];
+  const end = merged[merged.length - 1];
+  if (last && last.status && !last.content && end && end.role === "user") merged.push(last);
+  return merged;
 }
 
 /** If the open chat has a running answer (this tab's earlier life, another tab), follow it. */
@@ -748,11 +770,175 @@ function messageNode(message) {
   );
   if (role === "assistant" && !message.live) {
     const bar = h("div", { class: "msg-actions" });
+    bar.append(...branchSwitch(message));
     if (message.status && message.status !== "succeeded") bar.append(statusTag(message.status, message.errorText));
     if (message.content) bar.append(copyButton(message.content));
+    const last = message === state.messages[state.messages.length - 1];
+    if (last && (stored(message) || (message.status && !message.content))) {
+      bar.append(actionButton("regenerate", "Regenerate answer", "Regenerate", () => regenerate(message)));
+    }
     if (bar.childElementCount) body.append(bar);
+  } else if (role === "user" && stored(message)) {
+    if (state.editing && state.editing.id === message.id) {
+      content.replaceWith(editBox(message));
+      node.classList.add("editing");
+    } else {
+      const bar = h("div", { class: "msg-actions" }, ...branchSwitch(message));
+      bar.append(actionButton("edit", "Edit message", "Edit", () => startEdit(message)));
+      body.append(bar);
+      node.classList.add("has-actions");
+    }
   }
   return node;
+}
+
+// ---- branches: regenerate, edit and resend, switch ---------------------------------------------------
+
+/** A message the server has (not one shown ahead of the reply, or an answer only this tab saw end). */
+function stored(message) {
+  return !!message.id && Array.isArray(message.siblingIds);
+}
+
+function branchesLocked() {
+  return state.sending || busyHere();
+}
+
+function actionButton(name, label, title, onclick) {
+  return h(
+    "button",
+    { type: "button", class: `icon-btn sm msg-action action-${name}`, "aria-label": label, title, disabled: branchesLocked(), onclick },
+    icon(name),
+  );
+}
+
+/** "‹ 2 / 3 ›" when the message has siblings (regenerated answers, edited messages). */
+function branchSwitch(message) {
+  const siblings = stored(message) ? message.siblingIds : [];
+  if (siblings.length < 2) return [];
+  const at = siblings.indexOf(message.id);
+  const locked = branchesLocked();
+  const go = (i) => () => switchBranch(siblings[i]);
+  return [
+    h(
+      "div",
+      { class: "branch-switch", role: "group", "aria-label": "Versions" },
+      h("button", { type: "button", class: "icon-btn sm branch-prev", "aria-label": "Previous version", disabled: locked || at <= 0, onclick: go(at - 1) }, icon("prev")),
+      h("span", { class: "branch-count", "aria-live": "polite" }, `${at + 1} / ${siblings.length}`),
+      h("button", { type: "button", class: "icon-btn sm branch-next", "aria-label": "Next version", disabled: locked || at >= siblings.length - 1, onclick: go(at + 1) }, icon("next")),
+    ),
+  ];
+}
+
+/** Show another version: the server moves the chat to the newest leaf under it (kept across reloads). */
+async function switchBranch(messageId) {
+  if (branchesLocked()) return;
+  const chatId = state.currentChatId;
+  const seq = state.openSeq;
+  state.editing = null;
+  try {
+    const chat = await api.switchBranch(chatId, messageId);
+    if (seq !== state.openSeq) return;
+    state.currentChat = chat;
+    await refreshMessages({ anchor: messageId });
+  } catch (e) {
+    if (!(e instanceof SessionEnded)) toast(`Couldn't show that version. ${humanError(e)}`, "error");
+  }
+}
+
+/** A new answer to the same prompt: the shown one makes room (it stays a version to switch back to). An
+ * answer that ended with nothing stored is simply asked again. */
+function regenerate(message) {
+  const at = state.messages.indexOf(message);
+  const body = stored(message) ? { regenerateOf: message.id } : {};
+  createFromBranch(state.messages.slice(0, at), generationBody(body), null);
+}
+
+function startEdit(message) {
+  if (branchesLocked()) return;
+  state.editing = { id: message.id, text: message.content };
+  renderMessages();
+  const box = $("messages").querySelector(".edit-input");
+  if (box) {
+    box.focus();
+    box.setSelectionRange(box.value.length, box.value.length);
+  }
+}
+
+function editBox(message) {
+  const input = h("textarea", { class: "edit-input", rows: 1, maxlength: 32000, "aria-label": "Edit message" });
+  input.value = state.editing.text;
+  const cancel = () => {
+    state.editing = null;
+    renderMessages();
+  };
+  const send = () => {
+    const content = input.value;
+    if (!content.trim() || branchesLocked()) return;
+    state.editing = null;
+    const at = state.messages.indexOf(message);
+    const pending = { id: "pending", role: "user", content, pending: true };
+    createFromBranch([...state.messages.slice(0, at), pending], generationBody({ content, editOf: message.id }), pending);
+  };
+  const fit = () => {
+    input.style.height = "auto";
+    input.style.height = `${Math.min(input.scrollHeight, 320)}px`;
+  };
+  input.addEventListener("input", () => {
+    state.editing.text = input.value;
+    fit();
+  });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send();
+    } else if (e.key === "Escape") {
+      e.preventDefault();
+      e.stopPropagation();
+      cancel();
+    }
+  });
+  requestAnimationFrame(fit);
+  return h(
+    "div",
+    { class: "edit-box" },
+    input,
+    h(
+      "div",
+      { class: "edit-buttons" },
+      h("button", { type: "button", class: "btn edit-cancel", onclick: cancel }, "Cancel"),
+      h("button", { type: "button", class: "btn btn-primary edit-send", onclick: send }, "Send"),
+    ),
+  );
+}
+
+/** Show `shown` (the branch as it will be), create the generation, follow it; put the list back if the
+ * create fails. */
+async function createFromBranch(shown, body, pending) {
+  if (branchesLocked() || Date.now() < state.rateLimitedUntil) return;
+  const chatId = state.currentChatId;
+  const before = state.messages;
+  state.sending = true;
+  hideNotice();
+  state.messages = shown;
+  renderMessages();
+  scrollToBottom(true);
+  updateComposer();
+  try {
+    const reply = await api.createGeneration(chatId, body);
+    if (pending) {
+      pending.pending = false;
+      pending.id = `sent-${reply.generationId}`;
+    }
+    state.sending = false;
+    startFollowing(reply, chatId, body);
+  } catch (e) {
+    state.messages = before;
+    if (state.currentChatId === chatId) renderMessages();
+    createFailed(e, chatId, body.content || "");
+  } finally {
+    state.sending = false;
+    updateComposer();
+  }
 }
 
 function copyButton(text) {
@@ -907,6 +1093,8 @@ function finishLive(live) {
   touchChat(live.chatId);
   updateComposer();
   if (live.stopping && live.status === "canceled") toast("Stopped. The partial answer is kept.", "info", 2500);
+  // The stored messages' ids and versions (siblingIds), for Edit, Regenerate and the switcher.
+  if (live.chatId === state.currentChatId) refreshMessages().catch(() => {});
 }
 
 function stopLive() {
@@ -983,16 +1171,12 @@ async function sendMessage() {
       history.replaceState(null, "", `#/c/${chatId}`);
       announceChatsChanged("created", chatId);
     }
-    const body = { content, model: state.model || undefined };
-    if (state.settings.systemPrompt.trim()) body.systemPrompt = state.settings.systemPrompt;
-    if (state.settings.temperature !== null) body.temperature = state.settings.temperature;
+    const body = generationBody({ content });
     const reply = await api.createGeneration(chatId, body);
     pending.pending = false;
     pending.id = `sent-${reply.generationId}`;
-    setInflight(reply.generationId, chatId);
     state.sending = false;
-    if (state.currentChatId === chatId) follow(reply.generationId, chatId, { streamUrl: reply.streamUrl, model: body.model });
-    touchChat(chatId);
+    startFollowing(reply, chatId, body);
     if (!state.currentChat || !state.currentChat.title) fetchTitle(chatId);
   } catch (e) {
     state.messages = state.messages.filter((m) => m !== pending);
@@ -1003,13 +1187,31 @@ async function sendMessage() {
         autosize();
       }
     }
-    if (e instanceof ApiError && e.code === "generation_in_flight") await attachAfterConflict(e.generationId, chatId, content);
-    else if (e instanceof ApiError && e.code === "rate_limited") showRateLimit(e.retryAfter);
-    else if (!(e instanceof SessionEnded)) showNotice(humanError(e));
+    await createFailed(e, chatId, content);
   } finally {
     state.sending = false;
     updateComposer();
   }
+}
+
+/** A create's body: `fields` plus the chosen model and the settings. */
+function generationBody(fields) {
+  const body = { ...fields, model: state.model || undefined };
+  if (state.settings.systemPrompt.trim()) body.systemPrompt = state.settings.systemPrompt;
+  if (state.settings.temperature !== null) body.temperature = state.settings.temperature;
+  return body;
+}
+
+function startFollowing(reply, chatId, body) {
+  setInflight(reply.generationId, chatId);
+  if (state.currentChatId === chatId) follow(reply.generationId, chatId, { streamUrl: reply.streamUrl, model: body.model });
+  touchChat(chatId);
+}
+
+async function createFailed(e, chatId, content) {
+  if (e instanceof ApiError && e.code === "generation_in_flight") await attachAfterConflict(e.generationId, chatId, content);
+  else if (e instanceof ApiError && e.code === "rate_limited") showRateLimit(e.retryAfter);
+  else if (!(e instanceof SessionEnded)) showNotice(humanError(e));
 }
 
 /** POST answered 409 generation_in_flight: show the running answer instead of failing. */

@@ -39,8 +39,10 @@ from minichat.validate import (
     EMAIL,
     MAX_BODY_BYTES,
     Body,
+    FieldRule,
     Number,
     Text,
+    Uuid,
     parse_day,
     parse_limit,
     parse_uuid,
@@ -247,7 +249,16 @@ CREDENTIALS = Body({"email": EMAIL, "password": PASSWORD}, required=frozenset({"
 ACCOUNT_DELETION = Body({"password": PASSWORD}, required=frozenset({"password"}))
 REFRESH_TOKEN = Body({"refreshToken": Text(min_len=1, max_len=512)}, required=frozenset({"refreshToken"}))
 NEW_CHAT = Body({"title": TITLE}, may_be_empty=True)
-CHAT_RENAME = Body({"title": TITLE}, required=frozenset({"title"}))
+CHAT_UPDATE = Body(
+    {
+        "title": TITLE,
+        "activeLeafId": Uuid(
+            "A message of this chat: the chat then shows the newest leaf under it (itself when it has no "
+            "replies), to switch branches."
+        ),
+    },
+    at_least_one=("title", "activeLeafId"),
+)
 NEW_MESSAGE = Body({"content": CONTENT}, required=frozenset({"content"}))
 NEW_GENERATION = Body(
     {
@@ -255,7 +266,16 @@ NEW_GENERATION = Body(
             min_len=1,
             max_len=32_000,
             blank=False,
-            description="Appended as the user's message, in the same transaction, before the model runs.",
+            description="Appended as the user's message after the active leaf (with `editOf`: beside that "
+            "message), in the same transaction, before the model runs.",
+        ),
+        "editOf": Uuid(
+            "A user message of this chat: edit and resend. The new `content` becomes its sibling (same "
+            "parent), then the answer follows it."
+        ),
+        "regenerateOf": Uuid(
+            "An assistant message of this chat: a new answer to the same prompt, its sibling. No `content`, "
+            "no `editOf` with it."
         ),
         "model": Text(
             min_len=1, max_len=200, description="One of GET /api/models; the default model when absent."
@@ -265,6 +285,10 @@ NEW_GENERATION = Body(
         "maxTokens": Number(1, 32_768, integer=True),
     },
     may_be_empty=True,
+    rules=(
+        FieldRule("regenerateOf", excludes=("editOf", "content")),
+        FieldRule("editOf", needs=("content",)),
+    ),
 )
 
 
@@ -375,10 +399,13 @@ def get_chat(chat_id: str) -> dict[str, Any]:
 
 
 @route("/api/chats/{chat_id}", methods=["PATCH"])
-def rename_chat(chat_id: str) -> dict[str, Any]:
+def update_chat(chat_id: str) -> dict[str, Any]:
     user_id = _user_id()
     chat_id = parse_uuid(chat_id)
-    return chats.rename_chat(user_id=user_id, chat_id=chat_id, title=_read(CHAT_RENAME)["title"])
+    body = _read(CHAT_UPDATE)
+    return chats.update_chat(
+        user_id=user_id, chat_id=chat_id, title=body["title"], active_leaf_id=body["activeLeafId"]
+    )
 
 
 @route("/api/chats/{chat_id}", methods=["DELETE"])
@@ -392,8 +419,13 @@ def delete_chat(chat_id: str) -> Response:
 def list_messages(chat_id: str) -> str:
     user_id = _user_id()
     query = _query()
+    leaf_id = query.get("leafId")
     return chats.list_messages(
-        user_id=user_id, chat_id=parse_uuid(chat_id), limit=parse_limit(query), cursor=query.get("cursor")
+        user_id=user_id,
+        chat_id=parse_uuid(chat_id),
+        limit=parse_limit(query),
+        cursor=query.get("cursor"),
+        leaf_id=None if leaf_id is None else parse_uuid(leaf_id),
     )
 
 
@@ -438,6 +470,8 @@ def create_generation(chat_id: str) -> dict[str, Any]:
         temperature=body["temperature"],
         max_tokens=body["maxTokens"],
         request_id=current_request_id(),
+        edit_of=body["editOf"],
+        regenerate_of=body["regenerateOf"],
     )
     reply["streamUrl"] = _stage_prefix() + reply["streamUrl"]
     return reply
@@ -445,11 +479,14 @@ def create_generation(chat_id: str) -> dict[str, Any]:
 
 def _stage_prefix() -> str:
     """`/{stage}` when called through API Gateway's default host, whose paths start with the stage
-    (a custom domain mapped at `/`, and local mode, have none): streamUrl must be a working path."""
+    (a custom domain mapped at `/`, CloudFront's one origin, and local mode have none): streamUrl must be
+    a working path. CloudFront reaches the default host too, and says so with a header of its own."""
     request = _request()
     stage = request.context.get("stage")
-    host = request.headers.get("host", "")
-    return f"/{stage}" if stage and ".execute-api." in host else ""
+    headers = request.headers
+    if not stage or ".execute-api." not in headers.get("host", "") or "x-minichat-origin" in headers:
+        return ""
+    return f"/{stage}"
 
 
 @route("/api/generations/{generation_id}", methods=["GET"])

@@ -148,16 +148,13 @@ def zip_function(build_dir: Path, logical_id: str) -> bytes:
 
 
 def deploy(the_plan: dict[str, Any], *, build_dir: Path, endpoint: str, stage: str) -> str:
-    import boto3
+    from urllib.parse import urlsplit
 
-    session = boto3.session.Session(
-        aws_access_key_id="test",
-        aws_secret_access_key="test",  # noqa: S106 - LocalStack's documented dummy credentials
-        region_name=REGION,
-    )
+    from localstack_client.session import Session  # LocalStack's endpoint and test credentials
+
+    session = Session(region_name=REGION, localstack_host=urlsplit(endpoint).netloc)
     client = {
-        name: session.client(name, endpoint_url=endpoint)
-        for name in ("secretsmanager", "lambda", "apigateway", "events", "iam")
+        name: session.client(name) for name in ("secretsmanager", "lambda", "apigateway", "events", "iam")
     }
 
     secret_name = f"{PREFIX}/jwt"

@@ -27,16 +27,16 @@ class WorkerFunctionError(RuntimeError):
 
 
 def lambda_client(endpoint: str) -> Any:
-    """boto3's Lambda client for LocalStack (what awslocal configures)."""
-    import boto3
+    """The Lambda client for LocalStack at `endpoint` (localstack-client sets the endpoint and test keys)."""
+    from urllib.parse import urlsplit
 
-    return boto3.client(
-        "lambda",
-        endpoint_url=endpoint,
+    from localstack_client.session import Session
+
+    session = Session(
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+        localstack_host=urlsplit(endpoint).netloc,
     )
+    return session.client("lambda")
 
 
 def lambda_invoker(function: str, client: Any) -> Any:
@@ -74,7 +74,7 @@ def main() -> int:
         return 0
     setup_logging(settings.log_level)
     consumer = Consumer(
-        lambda_invoker(args.function, endpoint=args.endpoint), event_source_arn=EVENT_SOURCE_ARN
+        lambda_invoker(args.function, lambda_client(args.endpoint)), event_source_arn=EVENT_SOURCE_ARN
     )
     signal.signal(signal.SIGTERM, lambda _signum, _frame: consumer.request_stop())
     try:

@@ -3,8 +3,10 @@
 The behaviour comes from the server's default, overridden per request by a model name such as
 `stub-tokens-100-rate-50` (100 tokens at 50 tokens/s), `stub-error-500`, `stub-stall-after-1`,
 `stub-ttft-ms-2000`, `stub-drop-after-3` (cut the connection), `stub-fail-after-3` (an in-stream error
-object), `stub-linger-ms-3000`, `stub-usage-inline-1-crlf-1`; the keys are the fields of Behavior. Any
-other model name gets the default behaviour. One server thus serves every scenario.
+object), `stub-linger-ms-3000`, `stub-usage-inline-1-crlf-1`, and hostile output: `stub-nul-at-2` (token 2
+carries a NUL), `stub-surrogate-at-4` (token 4 carries a lone surrogate, as the JSON escape \ud800),
+`stub-tokens-250-token-chars-1000` (tokens padded to 1,000 characters); the keys are the fields of
+Behavior. Any other model name gets the default behaviour. One server thus serves every scenario.
 
     with serve_stub(OpenAIStub()) as base_url:   # "http://127.0.0.1:<port>/v1"
         ...
@@ -60,6 +62,9 @@ _MODEL_KEYS = {
     "linger-ms": "linger_ms",
     "usage-inline": "usage_inline",
     "crlf": "crlf",
+    "nul-at": "nul_at",
+    "surrogate-at": "surrogate_at",
+    "token-chars": "token_chars",
 }
 _FLOAT_KEYS = ("rate", "ttft_ms", "linger_ms")
 # Unpaced streams hand the loop over now and then, or one long stream would starve all the others
@@ -85,6 +90,24 @@ class Behavior:
     linger_ms: float = 0.0  # keep the body open this long after [DONE]
     usage_inline: int = 0  # 1: usage on the last choice chunk (as some compatible servers do)
     crlf: int = 0  # 1: CRLF line ends
+    nul_at: int | None = None  # this token ends with a NUL character
+    surrogate_at: int | None = None  # this token ends with a lone surrogate (sent as the escape \ud800)
+    token_chars: int = 0  # pad every token with "x" to this many characters
+
+    def token(self, index: int) -> str:
+        """The text token `index` carries (as a client's JSON parser reads it)."""
+        text = _token(index)
+        if len(text) < self.token_chars:
+            text += "x" * (self.token_chars - len(text))
+        if index == self.nul_at:
+            text += "\x00"
+        if index == self.surrogate_at:
+            text += "\ud800"
+        return text
+
+    def text(self, tokens: int) -> str:
+        """The exact text a stream of `tokens` tokens with this behaviour carries."""
+        return "".join(self.token(i) for i in range(tokens))
 
     def for_model(self, model: str) -> Behavior:
         """This behaviour overridden by a `stub-key-value-...` model name; ValueError if it is malformed."""
@@ -263,7 +286,8 @@ async def _stream(
                 await asyncio.sleep(delay)
         elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)
-        content = json.dumps(_token(index), ensure_ascii=False)
+        # A lone surrogate has no UTF-8 form: it can only travel as its JSON escape.
+        content = json.dumps(behavior.token(index), ensure_ascii=index == behavior.surrogate_at)
         await frame(
             f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
         )
@@ -316,7 +340,7 @@ def _completion(model: str, *, request: dict[str, Any], behavior: Behavior, limi
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": stub_text(count), "refusal": None},
+                "message": {"role": "assistant", "content": behavior.text(count), "refusal": None},
                 "logprobs": None,
                 "finish_reason": "length" if count < behavior.tokens else "stop",
             }

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+import uuid
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -51,3 +53,18 @@ def run_tool(
     if check and result.returncode != 0:
         pytest.fail(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def scheduled_event(rule: str) -> dict[str, Any]:
+    """What an EventBridge schedule sends."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2025-01-15T10:00:00Z",
+        "region": "us-east-1",
+        "resources": [f"arn:aws:events:us-east-1:123456789012:rule/{rule}"],
+        "detail": {},
+    }

@@ -10,6 +10,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aws_support import FUNCTIONS, load_script, run_tool
@@ -27,6 +28,14 @@ def python312() -> str:
     """The Python 3.12 interpreter the artifacts are built for and run with here."""
     found: str = load_script("infra/deploy/sam_build.py").python312()
     return found
+
+
+@pytest.fixture(scope="session")
+def translated(aws_tools: Path) -> dict[str, Any]:
+    """template.yaml after SAM's transform (CloudFormation JSON)."""
+    result = run_tool([str(aws_tools / "python"), "infra/deploy/sam_translate.py", "template.yaml"])
+    resources: dict[str, Any] = json.loads(result.stdout)
+    return resources
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import pika
 import psycopg
 import pytest
 import redis
-from aws_support import ROOT
+from aws_support import ROOT, scheduled_event
 from psycopg import sql
 
 pytestmark = pytest.mark.slow
@@ -461,21 +461,6 @@ def test_stream_app_refuses_a_request_without_credentials(stream_server: str) ->
 
 # ---------------------------------------------------------------------------------------------------------
 # The scheduled jobs and the MQ worker.
-
-
-def scheduled_event(rule: str) -> dict[str, Any]:
-    """What an EventBridge schedule sends."""
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": "Scheduled Event",
-        "source": "aws.events",
-        "account": "123456789012",
-        "time": "2025-01-15T10:00:00Z",
-        "region": "us-east-1",
-        "resources": [f"arn:aws:events:us-east-1:123456789012:rule/{rule}"],
-        "detail": {},
-    }
 
 
 def test_reaper_handler_runs_on_its_schedule(start: Any, migrated: list[list[str]]) -> None:

@@ -1,11 +1,19 @@
-"""The LocalStack loop, checked statically (no Docker engine here): the compose file against the Compose
-specification, the shell scripts with shellcheck, the deploy script's and the bridge's --dry-run, and
-the bridge's invoker on a stand-in Lambda client."""
+"""The LocalStack loop: the compose file against the Compose specification, the shell scripts with
+shellcheck, the deploy script's and the bridge's --dry-run, the bridge's invoker on a stand-in Lambda
+client, and the bridge run for real between RabbitMQ and a stand-in of Lambda's Invoke API."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +24,14 @@ from aws_support import ROOT, load_script, run_tool
 pytestmark = pytest.mark.slow
 
 COMPOSE = ROOT / "localstack-compose.yml"
-SHELL_SCRIPTS = ("infra/localstack/up.sh", "infra/deploy/aws_tools.sh", "functions/stream/run.sh")
+SHELL_SCRIPTS = (
+    "infra/localstack/up.sh",
+    "infra/deploy/aws_tools.sh",
+    "functions/stream/run.sh",
+    "infra/samlocal/build_image.sh",
+    "infra/samlocal/bootstrap",
+    "infra/samlocal/lambda-entrypoint.sh",
+)
 # `docker compose config` without a Docker engine: interpolate ${VAR}, ${VAR:-default}, ${VAR:?error} as
 # Compose does, then parse and validate against the Compose specification (compose-spec, strict).
 CHECK_COMPOSE = r"""
@@ -70,6 +85,14 @@ def test_compose_services_match_what_the_code_expects() -> None:
     assert localstack["environment"]["LOCALSTACK_AUTH_TOKEN"].startswith("${LOCALSTACK_AUTH_TOKEN:?")
     assert "/var/run/docker.sock:/var/run/docker.sock" in localstack["volumes"]  # Lambda runs in containers
     assert localstack["environment"]["LAMBDA_DOCKER_NETWORK"] == compose["networks"]["minichat"]["name"]
+    # LocalStack's Lambda stores code in S3 and drives async invokes and event sources through SQS.
+    assert {"lambda", "apigateway", "secretsmanager", "s3", "sqs"} <= set(
+        localstack["environment"]["SERVICES"].split(",")
+    )
+    # A pinned image: the loop must not change under the user (every image here has a fixed tag).
+    for service in services.values():
+        tag = service["image"].rsplit(":", 1)[1]
+        assert "latest" not in tag, service["image"]
     # Local mode's defaults reach the containers on their published ports.
     defaults = Settings()
     for name, url in (
@@ -141,3 +164,70 @@ def test_bridge_invokes_the_worker_with_the_amazon_mq_event_and_raises_on_its_er
     failing = _StubLambda(fail=True)
     with pytest.raises(bridge.WorkerFunctionError, match="database unavailable"):
         bridge.lambda_invoker("minichat-local-worker", failing)(event, None)  # the consumer requeues
+
+
+class _LambdaInvokeApi(http.server.BaseHTTPRequestHandler):
+    """Lambda's Invoke API (POST /2015-03-31/functions/{name}/invocations), as LocalStack serves it."""
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        name = self.path.split("/functions/")[1].split("/")[0]
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.calls.append((name, json.loads(body)))
+        reply = b'{"messages": 1}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_bridge_runs_consuming_rabbitmq_and_invoking_through_the_lambda_api() -> None:
+    """The bridge as `up.sh` starts it: a message published to the broker reaches the Lambda Invoke API as
+    Amazon MQ's event, and is acknowledged."""
+    from minichat import broker
+
+    vhost = "minichat_test_bridge"
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
+    with broker.connect(url) as connection:
+        channel = connection.channel()
+        broker.declare_topology(channel)
+        for queue in broker.QUEUES:
+            channel.queue_purge(queue)
+        channel.basic_publish("", broker.QUEUES[0], b'{"probe": 1}')
+
+    _LambdaInvokeApi.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LambdaInvokeApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    process = subprocess.Popen(
+        [sys.executable, "infra/localstack/mq_bridge.py", "--endpoint", endpoint],
+        cwd=ROOT,
+        env={**os.environ, "RABBITMQ_URL": url, "AWS_EC2_METADATA_DISABLED": "true"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _LambdaInvokeApi.calls and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=20)[0]
+        server.shutdown()
+    assert _LambdaInvokeApi.calls, f"the bridge invoked nothing:\n{output}"
+    function, event = _LambdaInvokeApi.calls[0]
+    assert function == "minichat-local-worker"
+    assert event["eventSource"] == "aws:rmq"
+    (messages,) = event["rmqMessagesByQueue"].values()
+    assert [base64.b64decode(m["data"]) for m in messages] == [b'{"probe": 1}']
+    with broker.connect(url) as connection:
+        left = connection.channel().queue_declare(broker.QUEUES[0], passive=True).method.message_count
+    assert left == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,14 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Api, LocalProcess
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from helpers import Api, LocalProcess, OwnRedis, free_port
 
 # Models the OpenAI provider serves in the test server: the stub reads its behaviour from the name.
 STUB_MODELS = ("stub-tokens-12", "stub-tokens-30-rate-20", "stub-error-500", "stub-stall-after-2")
@@ -77,6 +69,20 @@ def api(server: str, db: Any, redis_client: Any) -> Iterator[Api]:
 
 
 @pytest.fixture
+def settings_with() -> Iterator[Any]:
+    """Change settings of the in-process server for one test (restored after it)."""
+    from minichat.config import get_settings, set_settings
+
+    original = get_settings()
+
+    def apply(**changes: Any) -> None:
+        set_settings(original.with_(**changes))
+
+    yield apply
+    set_settings(original)
+
+
+@pytest.fixture
 def local_process(
     database_url: str, broker_vhost: str, db: Any, redis_client: Any, tmp_path: Any
 ) -> Iterator[LocalProcess]:
@@ -96,3 +102,15 @@ def local_mode(local_process: LocalProcess) -> Iterator[Api]:
     api = Api(local_process.base_url)
     yield api
     api.http.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Any) -> Iterator[OwnRedis]:
+    """A redis-server of the test's own, on a free port (stopping it, or breaking its writes, touches
+    nobody else)."""
+    server = OwnRedis(tmp_path / "redis.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

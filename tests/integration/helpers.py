@@ -10,14 +10,23 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 BROKER_URL = os.environ["RABBITMQ_URL"]  # the tests' own vhost (tests/conftest.py)
 VHOST = BROKER_URL.rsplit("/", 1)[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -189,3 +198,71 @@ def assert_usage_invariant(db: Any) -> None:
     assert daily_usage_matches_events(db)
     dupes = db.execute("SELECT count(*) - count(DISTINCT generation_id) FROM usage_events").fetchone()[0]
     assert dupes == 0
+
+
+@contextmanager
+def database_refusing(db: Any, *, table: str, event: str, condition: str) -> Iterator[None]:
+    """While inside: the database refuses (RAISE) every `event` (INSERT, UPDATE) on `table` whose row
+    matches `condition` (PL/pgSQL over NEW): a failure that is not an outage."""
+    db.execute(
+        f"""
+        CREATE OR REPLACE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF {condition} THEN
+            RAISE EXCEPTION 'refused by the test';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER test_refuse BEFORE {event} ON {table} FOR EACH ROW EXECUTE FUNCTION test_refuse();
+        """
+    )
+    try:
+        yield
+    finally:
+        db.execute(f"DROP TRIGGER IF EXISTS test_refuse ON {table}; DROP FUNCTION IF EXISTS test_refuse();")
+
+
+class OwnRedis:
+    """A throwaway redis-server (no persistence): stopped and started again by the test."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)

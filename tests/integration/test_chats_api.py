@@ -14,7 +14,8 @@ from helpers import Account, Api, assert_error
 def test_chat_crud(api: Api, db: Any) -> None:
     user = api.register()
     chat = api.create_chat(user, "  Plans  ")
-    assert set(chat) == {"id", "title", "createdAt", "updatedAt"}
+    assert set(chat) == {"id", "title", "createdAt", "updatedAt", "activeLeafId"}
+    assert chat["activeLeafId"] is None
     assert chat["title"] == "Plans"
     got = api.request("GET", f"/api/chats/{chat['id']}", user=user)
     assert got.status_code == 200 and got.json() == chat
@@ -51,7 +52,10 @@ def test_messages_are_appended_and_bump_the_chat(api: Api) -> None:
     r = api.request("POST", f"/api/chats/{chat['id']}/messages", user=user, json={"content": "hello"})
     assert r.status_code == 201
     msg = r.json()
-    assert set(msg) == {"id", "chatId", "role", "content", "generationId", "createdAt"}
+    assert set(msg) == {
+        "id", "chatId", "parentId", "role", "content", "generationId", "createdAt", "siblingIds",
+    }  # fmt: skip
+    assert msg["parentId"] is None and msg["siblingIds"] == [msg["id"]]
     assert msg["role"] == "user" and msg["content"] == "hello" and msg["chatId"] == chat["id"]
     assert msg["generationId"] is None
     after = api.request("GET", f"/api/chats/{chat['id']}", user=user).json()

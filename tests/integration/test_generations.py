@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import Account, Api, EventStream, assert_error, text_of
+from helpers import Account, Api, EventStream, LocalProcess, assert_error, text_of
 from minichat import limits
+from minichat.providers import estimate_tokens
 
 QUESTION = "Tell me about the quick brown fox"
 SLOW = "one two three four five six seven eight"
@@ -93,7 +94,9 @@ def test_generation_shape_and_request_id(api: Api) -> None:
     assert set(g) == {
         "id", "chatId", "status", "model", "systemPrompt", "temperature", "maxTokens", "inputTokens",
         "outputTokens", "createdAt", "startedAt", "finishedAt", "errorCode", "errorMessage", "requestId",
+        "finishReason",
     }  # fmt: skip
+    assert g["finishReason"] is None  # queued
     assert g["requestId"] == "req-gen-1" and g["systemPrompt"] == "Be brief."
     assert g["temperature"] == 0.5 and g["maxTokens"] == 64 and g["chatId"] == chat["id"]
     api.request("POST", f"/api/generations/{g['id']}/cancel", user=user)
@@ -404,6 +407,32 @@ def test_deleting_a_chat_ends_its_running_generation_first(api: Api, db: Any, re
     # Usage already counted stays counted: the usage event outlives the chat.
     usage = db.execute("SELECT payload FROM outbox WHERE queue = 'usage_event'").fetchall()
     assert [p[0]["generationId"] for p in usage] == [started["generationId"]]
+
+
+def test_deleting_a_chat_counts_the_tokens_of_a_run_that_cannot_answer(
+    api: Api, db: Any, redis_client: Any, local_process: LocalProcess
+) -> None:
+    """Issue 11 item 8: the process running the generation is gone (killed mid-stream), so nobody answers
+    the cancel; the deletion ends the generation itself and still counts what it consumed: the prompt
+    and the text already streamed (read back from the event buffer), estimated."""
+    local_process.start()
+    remote = Api(local_process.base_url)
+    user = api.register()
+    started = _start(api, user, SLOW * 5, model="mock-slow")
+    stream = _open(remote, started)  # the first connection: the run is in that process
+    seen = [stream.next() for _ in range(3)]
+    time.sleep(0.1)  # the buffer writer's batch
+    local_process.kill()
+    r = api.request("DELETE", f"/api/chats/{started['chat']['id']}", user=user)
+    assert r.status_code == 204
+    assert redis_client.get(limits.inflight_key(user.user_id)) is None
+    usage = [p[0] for p in db.execute("SELECT payload FROM outbox WHERE queue = 'usage_event'").fetchall()]
+    assert [u["generationId"] for u in usage] == [started["generationId"]]
+    streamed = text_of(seen)
+    assert usage[0]["estimated"] is True and usage[0]["inputTokens"] > 0
+    assert usage[0]["outputTokens"] >= estimate_tokens(streamed) > 0
+    audit = [p[0] for p in db.execute("SELECT payload FROM outbox WHERE queue = 'audit_event'").fetchall()]
+    assert [a["action"] for a in audit][-2:] == ["generation.canceled", "chat.deleted"]
 
 
 def test_models(api: Api) -> None:

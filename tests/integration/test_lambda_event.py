@@ -56,3 +56,27 @@ def test_stream_url_carries_the_stage_behind_the_default_api_host(api: Api) -> N
     ).json()
     assert local["streamUrl"].startswith("/api/generations/")
     api.request("POST", f"/api/generations/{local['generationId']}/cancel", user=user)
+
+
+def test_stream_url_has_no_stage_through_cloudfronts_one_origin(api: Api) -> None:
+    """CloudFront sends /api/* to the default host with the stage as its origin path, and marks the
+    request (template.yaml, WebDistribution): the client's paths have no stage, so neither may streamUrl."""
+    user = api.register()
+    chat = api.create_chat(user)
+    app = load_function("api").app
+    resource = "/api/chats/{chat_id}/generations"
+    event = _event(
+        method="POST",
+        resource=resource,
+        path=f"/api/chats/{chat['id']}/generations",
+        body={"content": "hi"},
+        token=user.access,
+        params={"chat_id": chat["id"]},
+    )
+    event["headers"]["X-MiniChat-Origin"] = "cloudfront"
+    event["multiValueHeaders"]["X-MiniChat-Origin"] = ["cloudfront"]
+    reply = app(event, None)
+    assert reply["statusCode"] == 201, reply
+    body = json.loads(reply["body"])
+    assert body["streamUrl"].startswith(f"/api/generations/{body['generationId']}/stream?ticket=")
+    api.request("POST", f"/api/generations/{body['generationId']}/cancel", user=user)

@@ -15,17 +15,6 @@ from minichat import kv
 from minichat.config import get_settings, set_settings
 
 
-@pytest.fixture
-def settings_with(request: pytest.FixtureRequest) -> Iterator[Any]:
-    original = get_settings()
-
-    def apply(**changes: Any) -> None:
-        set_settings(original.with_(**changes))
-
-    yield apply
-    set_settings(original)
-
-
 def test_login_is_limited_per_email_before_hashing(api: Api, settings_with: Any) -> None:
     user = api.register()
     settings_with(rate_login_email="3/60")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from minichat.errors import ProviderError, ProviderTimeout
-from minichat.providers import ChatMessage, Delta, ProviderRequest, StreamItem, Usage
+from minichat.providers import ChatMessage, Delta, Finish, ProviderRequest, StreamItem, Usage
 from minichat.providers.openai import OpenAIProvider
 from minichat.sse import parse_sse
 from minichat_local.openai_stub import (
@@ -116,8 +116,8 @@ def test_streams_every_delta_then_the_usage_chunk(stub: tuple[OpenAIStub, str], 
     assert len(deltas) == 50
     assert "".join(d.text for d in deltas) == stub_text(50)
     assert deltas[:3] == [Delta("w0"), Delta(" w1"), Delta(" w2")]
-    assert items[-1] == Usage(input_tokens=PROMPT_TOKENS, output_tokens=50)
-    assert len(items) == 51
+    assert items[-2:] == [Finish("stop"), Usage(input_tokens=PROMPT_TOKENS, output_tokens=50)]
+    assert len(items) == 52
     # What went upstream: a streamed request asking for usage, with the key, no retries needed.
     assert app.stats.requests == 1
     assert app.stats.completed == 1
@@ -137,7 +137,8 @@ def test_streams_every_delta_then_the_usage_chunk(stub: tuple[OpenAIStub, str], 
 def test_compatible_server_variants(stub: tuple[OpenAIStub, str], transport: str, variant: str) -> None:
     _, base_url = stub
     items = _run(base_url, transport, lambda p: _collect(p, _request(f"stub-tokens-5-{variant}")))
-    assert items == [*(Delta(t) for t in ["w0", " w1", " w2", " w3", " w4"]), Usage(PROMPT_TOKENS, 5)]
+    words = ["w0", " w1", " w2", " w3", " w4"]
+    assert items == [*(Delta(t) for t in words), Finish("stop"), Usage(PROMPT_TOKENS, 5)]
 
 
 def test_a_body_left_open_after_done_does_not_hold_the_stream(
@@ -146,7 +147,7 @@ def test_a_body_left_open_after_done_does_not_hold_the_stream(
     app, base_url = stub
     started = time.monotonic()
     items = _run(base_url, transport, lambda p: _collect(p, _request("stub-tokens-3-linger-ms-5000")))
-    assert items == [Delta("w0"), Delta(" w1"), Delta(" w2"), Usage(PROMPT_TOKENS, 3)]
+    assert items == [Delta("w0"), Delta(" w1"), Delta(" w2"), Finish("stop"), Usage(PROMPT_TOKENS, 3)]
     assert time.monotonic() - started < 2.5  # the drain after [DONE] is bounded (1 s), not the 5 s linger
     assert _wait_for(lambda: app.stats.active == 0)
 
@@ -158,7 +159,7 @@ def test_forwards_temperature_and_max_tokens(stub: tuple[OpenAIStub, str], trans
     assert app.stats.last_request["temperature"] == 0.25
     assert app.stats.last_request["max_tokens"] == 7
     assert "".join(i.text for i in items if isinstance(i, Delta)) == stub_text(7)
-    assert items[-1] == Usage(input_tokens=PROMPT_TOKENS, output_tokens=7)
+    assert items[-2:] == [Finish("length"), Usage(input_tokens=PROMPT_TOKENS, output_tokens=7)]
 
 
 def test_one_provider_serves_many_streams_and_loops(stub: tuple[OpenAIStub, str], transport: str) -> None:
@@ -178,7 +179,7 @@ def test_one_provider_serves_many_streams_and_loops(stub: tuple[OpenAIStub, str]
     second_loop = asyncio.run(twice())
     assert app.stats.connections == 2
     assert first_loop == second_loop
-    assert [len(items) for items in first_loop] == [4, 5]
+    assert [len(items) for items in first_loop] == [5, 6]  # deltas, Finish, Usage
     assert app.stats.completed == 4
 
 
@@ -301,7 +302,7 @@ def test_a_slow_consumer_is_not_an_idle_upstream(stub: tuple[OpenAIStub, str], t
         return items
 
     items = _run(base_url, transport, slow_reader, idle_timeout=0.1, first_token_timeout=0.1)
-    assert len(items) == 3
+    assert len(items) == 4
     assert isinstance(items[-1], Usage)
 
 
@@ -381,7 +382,7 @@ def test_preload_builds_a_client_the_first_loop_adopts(stub: tuple[OpenAIStub, s
             assert provider._client is preloaded
             await provider.aclose()
 
-    assert len(asyncio.run(once())) == 3
+    assert len(asyncio.run(once())) == 4  # two deltas, Finish, Usage
     assert app.stats.completed == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -173,7 +174,7 @@ def test_every_request_body_spec_is_documented(document: dict[str, Any]) -> None
         "ACCOUNT_DELETION": "AccountDeletion",
         "REFRESH_TOKEN": "RefreshTokenRequest",
         "NEW_CHAT": "ChatCreate",
-        "CHAT_RENAME": "ChatRename",
+        "CHAT_UPDATE": "ChatUpdate",
         "NEW_MESSAGE": "MessageCreate",
     }
     assert set(specs) == {*plain, "NEW_GENERATION"}
@@ -214,6 +215,26 @@ def _number_values(spec: validate.Number) -> st.SearchStrategy[Any]:
     )
 
 
+def _uuid_values() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.text(EDGY, max_size=40),
+        st.sampled_from([None, 1, True, ["x"], "00000000-0000-0000-0000-00000000000g"]),
+    )
+
+
+def _values(spec: validate.Text | validate.Number | validate.Uuid) -> st.SearchStrategy[Any]:
+    if isinstance(spec, validate.Text):
+        return _text_values(spec)
+    if isinstance(spec, validate.Uuid):
+        return _uuid_values()
+    return _number_values(spec)
+
+
 FIELDS = [
     (body_name, field_name, spec, field_name in body.required)
     for body_name, body in _body_specs().items()
@@ -225,11 +246,11 @@ FIELDS = [
     ("body_name", "field_name", "spec", "required"), FIELDS, ids=[f"{b}.{f}" for b, f, _, _ in FIELDS]
 )
 def test_a_field_schema_accepts_exactly_what_its_check_accepts(
-    body_name: str, field_name: str, spec: validate.Text | validate.Number, required: bool
+    body_name: str, field_name: str, spec: validate.Text | validate.Number | validate.Uuid, required: bool
 ) -> None:
     schema = spec.json_schema(nullable=not required)
     validator = jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
-    values = _text_values(spec) if isinstance(spec, validate.Text) else _number_values(spec)
+    values = _values(spec)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(values)
@@ -242,6 +263,54 @@ def test_a_field_schema_accepts_exactly_what_its_check_accepts(
         assert accepted == validator.is_valid(value), (field_name, value)
 
     agree()
+
+
+def test_field_combinations_are_refused_by_schema_and_check_alike() -> None:
+    """editOf / regenerateOf / content (POST .../generations) and title / activeLeafId (PATCH a chat)."""
+    specs = _body_specs()
+    an_id = str(uuid.uuid4())
+    values = {"content": ["hi", None], "editOf": [an_id, None], "regenerateOf": [an_id, None]}
+    cases = [
+        ("NEW_GENERATION", dict(zip(values, combo, strict=True)))  # absent fields sent as null
+        for combo in itertools.product(*values.values())
+    ]
+    cases += [
+        ("NEW_GENERATION", {k: v for k, v in zip(values, combo, strict=True) if v is not None})
+        for combo in itertools.product(*values.values())
+    ]
+    cases += [
+        ("CHAT_UPDATE", body)
+        for body in (
+            {},
+            {"title": None},
+            {"activeLeafId": None},
+            {"title": None, "activeLeafId": None},
+            {"title": "t"},
+            {"activeLeafId": an_id},
+            {"title": "t", "activeLeafId": an_id},
+            {"title": None, "activeLeafId": an_id},
+        )
+    ]
+    accepted = set()
+    for name, body in cases:
+        validator = jsonschema_rs.Draft202012Validator(specs[name].json_schema(), validate_formats=True)
+        try:
+            specs[name].read(json.dumps(body))
+            ok = True
+        except errors.ValidationError:
+            ok = False
+        assert ok == validator.is_valid(body), (name, body)
+        if ok:
+            accepted.add((name, tuple(sorted(k for k, v in body.items() if v is not None))))
+    assert accepted == {
+        ("NEW_GENERATION", ()),
+        ("NEW_GENERATION", ("content",)),
+        ("NEW_GENERATION", ("content", "editOf")),
+        ("NEW_GENERATION", ("regenerateOf",)),
+        ("CHAT_UPDATE", ("title",)),
+        ("CHAT_UPDATE", ("activeLeafId",)),
+        ("CHAT_UPDATE", ("activeLeafId", "title")),
+    }
 
 
 def test_unknown_fields_are_refused_by_schema_and_check_alike() -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from helpers import Api, EventStream, assert_error
-from minichat import generations, limits
+import psycopg
+import pytest
+
+from helpers import Api, EventStream, assert_error, database_refusing
+from minichat import buffer, limits, reaper
 from minichat.reaper import reap
 from minichat.sse import encode_event
+from minichat_local.functions import load_function
 
 
 def _queued(api: Api, user: Any) -> dict[str, Any]:
@@ -23,9 +30,9 @@ def test_a_queued_generation_never_opened_is_failed_and_its_user_freed(
     user = api.register()
     started = _queued(api, user)
     gid = started["generationId"]
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}  # not old enough yet
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 0}  # not old enough yet
     db.execute("UPDATE generations SET created_at = now() - interval '61 seconds' WHERE id = %s", (gid,))
-    assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0}
+    assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
     g = api.request("GET", f"/api/generations/{gid}", user=user).json()
     assert g["status"] == "failed" and g["errorCode"] == "stream_not_opened" and g["finishedAt"]
     assert redis_client.get(limits.inflight_key(user.user_id)) is None
@@ -33,7 +40,11 @@ def test_a_queued_generation_never_opened_is_failed_and_its_user_freed(
         api.request("POST", f"/api/chats/{started['chat']['id']}/generations", user=user, json={}).status_code
         == 201
     )
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}  # terminal states never change
+    assert reap().as_dict() == {
+        "streamNotOpened": 0,
+        "workerLost": 0,
+        "skipped": 0,
+    }  # terminal states never change
 
 
 def test_an_orphaned_stream_is_failed_with_its_partial_answer(api: Api, db: Any, redis_client: Any) -> None:
@@ -46,10 +57,10 @@ def test_an_orphaned_stream_is_failed_with_its_partial_answer(api: Api, db: Any,
         " heartbeat_at = now() - interval '31 seconds' WHERE id = %s",
         (gid,),
     )
-    key = generations.events_key(gid)
+    key = buffer.key(gid)
     redis_client.xadd(key, {"f": encode_event(1, {"type": "delta", "delta": "Partial"})}, id="0-1")
     redis_client.xadd(key, {"f": encode_event(2, {"type": "delta", "delta": " answer"})}, id="0-2")
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 1}
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 1, "skipped": 0}
     g = api.request("GET", f"/api/generations/{gid}", user=user).json()
     assert g["status"] == "failed" and g["errorCode"] == "worker_lost" and g["outputTokens"] > 0
     messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
@@ -79,10 +90,134 @@ def test_a_live_heartbeat_is_never_reaped(api: Api, db: Any) -> None:
         " WHERE id = %s",
         (started["generationId"],),
     )
-    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0}
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 0}
     r = api.request("POST", f"/api/chats/{started['chat']['id']}/generations", user=user, json={})
     assert_error(r, 409, "generation_in_flight")
     db.execute(
         "UPDATE generations SET status = 'canceled', finished_at = now() WHERE id = %s",
         (started["generationId"],),
     )
+
+
+# --- issue 11 item 2: the reaper never stops -------------------------------------------------------------
+
+
+def _orphan(db: Any, redis_client: Any, gid: str, *deltas: str) -> None:
+    """A generation claimed by a process that buffered `deltas` and died (no heartbeat for 31 s)."""
+    db.execute(
+        "UPDATE generations SET status = 'streaming', started_at = now() - interval '40 seconds',"
+        " heartbeat_at = now() - interval '31 seconds' WHERE id = %s",
+        (gid,),
+    )
+    for number, text in enumerate(deltas, start=1):
+        frame = encode_event(number, {"type": "delta", "delta": text})
+        redis_client.xadd(buffer.key(gid), {"f": frame}, id=f"0-{number}")
+
+
+@pytest.fixture
+def unreapable(db: Any) -> Iterator[None]:
+    """Generations whose ids are put in test_unreapable cannot be ended: the database refuses it."""
+    db.execute("CREATE TABLE IF NOT EXISTS test_unreapable (id uuid PRIMARY KEY)")
+    condition = "NEW.status = 'failed' AND EXISTS (SELECT 1 FROM test_unreapable WHERE id = NEW.id)"
+    try:
+        with database_refusing(db, table="generations", event="UPDATE", condition=condition):
+            yield
+    finally:
+        db.execute("DROP TABLE IF EXISTS test_unreapable")
+
+
+def test_a_generation_that_cannot_be_reaped_never_stops_the_others(
+    api: Api, db: Any, redis_client: Any, unreapable: None
+) -> None:
+    users = [api.register() for _ in range(4)]
+    started = [_queued(api, u) for u in users]
+    ids = [s["generationId"] for s in started]
+    # The oldest first (the reaper takes candidates oldest first): one the database refuses to end...
+    db.execute("INSERT INTO test_unreapable VALUES (%s)", (ids[0],))
+    db.execute("UPDATE generations SET created_at = now() - interval '70 seconds' WHERE id = %s", (ids[0],))
+    # ...an orphan whose buffered text the database cannot take as it is (NUL, a lone surrogate)...
+    db.execute("UPDATE generations SET created_at = now() - interval '65 seconds' WHERE id = %s", (ids[1],))
+    _orphan(db, redis_client, ids[1], "bad\x00 text", " and \ud800 more")
+    # ...and two healthy stuck ones.
+    db.execute(
+        "UPDATE generations SET created_at = now() - interval '61 seconds' WHERE id = ANY(%s)",
+        ([ids[2], ids[3]],),
+    )
+    assert reap().as_dict() == {"streamNotOpened": 2, "workerLost": 1, "skipped": 1}
+    statuses = dict(db.execute("SELECT id::text, status FROM generations").fetchall())
+    assert [statuses[i] for i in ids] == ["queued", "failed", "failed", "failed"]
+    stored = db.execute("SELECT content FROM messages WHERE generation_id = %s", (ids[1],)).fetchone()[0]
+    assert stored == "bad text and \ufffd more"
+    # Retried on the next run, and ended once the database takes it.
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 1}
+    db.execute("DELETE FROM test_unreapable")
+    assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
+    for user, s in zip(users, started, strict=True):
+        r = api.request("POST", f"/api/chats/{s['chat']['id']}/generations", user=user, json={})
+        assert r.status_code == 201, r.text
+
+
+def test_the_local_reaper_timer_survives_any_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+
+    def flaky(**kwargs: Any) -> reaper.ReapResult:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise RuntimeError("a bug, or a row nobody foresaw")
+        if len(calls) == 3:
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        return reaper.ReapResult()
+
+    monkeypatch.setattr(reaper, "reap", flaky)
+    stop = threading.Event()
+    thread = threading.Thread(target=reaper.run_reaper, args=(stop,), kwargs={"interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive() and len(calls) >= 6
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+# --- issue 11 item 9: SPEC's 60 s for a generation queued with no stream, on a once-a-minute schedule -----
+
+
+class _LambdaContext:
+    def __init__(self, remaining_ms: int) -> None:
+        self._deadline = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._deadline - time.monotonic()) * 1000)
+
+
+def test_a_scheduled_run_fails_a_queued_generation_when_its_60_s_are_up(api: Api, db: Any) -> None:
+    jobs = load_function("worker", "jobs")
+    user = api.register()
+    started = _queued(api, user)
+    gid = started["generationId"]
+    # Queued 57 s ago, just after the previous run: it comes due 3 s into this one.
+    db.execute("UPDATE generations SET created_at = now() - interval '57 seconds' WHERE id = %s", (gid,))
+    t0 = time.monotonic()
+    result = jobs.reaper_handler({}, _LambdaContext(80_000))
+    elapsed = time.monotonic() - t0
+    age = db.execute(
+        "SELECT status, EXTRACT(EPOCH FROM finished_at - created_at)::float8 FROM generations WHERE id = %s",
+        (gid,),
+    ).fetchone()
+    print(
+        f"queued generation failed {age[1]:.2f} s after its create (SPEC: 60 s); the run took {elapsed:.2f} s"
+    )
+    assert result == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
+    assert age[0] == "failed" and 60.0 <= age[1] < 61.5
+    # With nothing queued the run ends at once (it costs nothing to run every minute).
+    t0 = time.monotonic()
+    assert jobs.reaper_handler({}, _LambdaContext(80_000)) == {
+        "streamNotOpened": 0,
+        "workerLost": 0,
+        "skipped": 0,
+    }
+    assert time.monotonic() - t0 < 1.0
+    assert jobs.REAPER_WINDOW_S >= 60.0  # the schedule's period: every minute is covered

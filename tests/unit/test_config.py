@@ -29,6 +29,15 @@ def test_lambda_environment_is_detected() -> None:
     assert Settings.from_env({"AWS_LAMBDA_FUNCTION_NAME": "api"}).environment == "aws"
 
 
+def test_lambda_environments_keep_a_small_pool_that_can_shrink_to_nothing() -> None:
+    on_lambda = Settings.from_env({"AWS_LAMBDA_FUNCTION_NAME": "minichat-dev-api"})
+    assert (on_lambda.db_pool_min, on_lambda.db_pool_max) == (0, 2)
+    tuned = Settings.from_env({"AWS_LAMBDA_FUNCTION_NAME": "f", "MINICHAT_DB_POOL_MAX": "4"})
+    assert tuned.db_pool_max == 4
+    local = Settings.from_env({})
+    assert (local.db_pool_min, local.db_pool_max) == (1, 10)
+
+
 def test_secret_from_environment_must_be_256_bits() -> None:
     assert Settings.from_env({"MINICHAT_JWT_SECRET": STRONG}).jwt_secret == STRONG.encode()
     with pytest.raises(ConfigError, match="256 bits"):

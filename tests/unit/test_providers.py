@@ -16,6 +16,7 @@ from minichat.errors import ConfigError, ProviderError, UnknownModel
 from minichat.providers import (
     ChatMessage,
     Delta,
+    Finish,
     ProviderRegistry,
     ProviderRequest,
     StreamItem,
@@ -28,8 +29,12 @@ from minichat.providers.base import MESSAGE_OVERHEAD_TOKENS, Role
 from minichat.providers.mock import MockProvider, split_words
 
 
-def _request(model: str, text: str, *, history: list[ChatMessage] | None = None) -> ProviderRequest:
-    return ProviderRequest(model=model, messages=[*(history or []), ChatMessage("user", text)])
+def _request(
+    model: str, text: str, *, history: list[ChatMessage] | None = None, max_tokens: int | None = None
+) -> ProviderRequest:
+    return ProviderRequest(
+        model=model, messages=[*(history or []), ChatMessage("user", text)], max_tokens=max_tokens
+    )
 
 
 async def _drain(stream: AsyncGenerator[StreamItem, None]) -> list[StreamItem]:
@@ -75,7 +80,10 @@ def test_mock_echo_streams_the_last_user_message_word_by_word() -> None:
     deltas = [item.text for item in items if isinstance(item, Delta)]
     assert deltas == ["  Hello,", "  world!", "\n\tsecond", " line  "]
     assert "".join(deltas) == text
-    assert items[-1] == Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=4)
+    assert items[-2:] == [
+        Finish("stop"),
+        Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=4),
+    ]
     assert sum(isinstance(item, Usage) for item in items) == 1
 
 
@@ -84,14 +92,23 @@ def test_mock_echo_has_no_artificial_delay() -> None:
     started = time.perf_counter()
     items = _collect(_request("mock-echo", text))
     assert time.perf_counter() - started < 0.5
-    assert len(items) == 2001
+    assert len(items) == 2002  # 2000 deltas, Finish, Usage
 
 
 def test_mock_echo_without_a_user_message_sends_only_usage() -> None:
     request = ProviderRequest(model="mock-echo", messages=[ChatMessage("system", "be brief")])
     assert _collect(request) == [
-        Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=0)
+        Finish("stop"),
+        Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=0),
     ]
+
+
+def test_mock_says_why_it_ended_stop_or_length_when_max_tokens_cut_it() -> None:
+    whole = _collect(_request("mock-echo", "one two three"))
+    assert whole[-2:] == [Finish("stop"), Usage(whole[-1].input_tokens, 3)]  # type: ignore[union-attr]
+    cut = _collect(_request("mock-echo", "one two three", max_tokens=2))
+    assert [i for i in cut if isinstance(i, Delta)] == [Delta("one"), Delta(" two")]
+    assert cut[-2:] == [Finish("length"), Usage(cut[-1].input_tokens, 2)]  # type: ignore[union-attr]
 
 
 def test_mock_slow_waits_200_ms_between_words() -> None:

@@ -1,4 +1,10 @@
-"""Chats and their messages. Every query is scoped to the owner: another user's chat is not found."""
+"""Chats and their messages. Every query is scoped to the owner: another user's chat is not found.
+
+A chat's messages form a tree (SPEC §7.1): each has a parent (null at the root of a branch), and the chat
+shows the path from a root to its active leaf. A child is always newer than its parent, so `seq` grows
+along every path: the path's keyset pagination is the flat list's, and the newest message of a subtree
+is always one of its leaves.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from minichat.serialize import chat_out, message_out
 from minichat.validate import decode_cursor, encode_cursor
 
 __all__ = [
+    "ASSISTANT_MAX_CHARS",
     "add_message",
+    "answer_parent",
     "create_chat",
     "delete_chat",
     "get_chat",
@@ -24,14 +32,42 @@ __all__ = [
     "list_chats",
     "list_messages",
     "owned_chat_for_update",
-    "rename_chat",
+    "repair_text",
     "title_from",
+    "update_chat",
 ]
 
-_CHAT_COLUMNS = "id, title, created_at, updated_at"
-_MESSAGE_COLUMNS = "id, seq, chat_id, role, content, generation_id, created_at"
+_CHAT_COLUMNS = "id, title, active_leaf_id, created_at, updated_at"
 _TITLE_LEN = 80
 _SPACES = re.compile(r"\s+")
+# SPEC §7.3: the bound of an assistant message (the messages table's CHECK), and the two characters a
+# model can send that PostgreSQL text cannot hold: NUL, and a lone surrogate (no UTF-8 form).
+ASSISTANT_MAX_CHARS = 200_000
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _replacement(match: re.Match[str]) -> str:
+    return "" if match.group() == "\x00" else "\ufffd"
+
+
+def repair_text(text: str) -> str:
+    """Model text as the database can store it: NUL removed, each lone surrogate made U+FFFD."""
+    if text.isascii() and "\x00" not in text:  # the common case, without a regex
+        return text
+    return _UNSTORABLE.sub(_replacement, text)
+
+
+def _siblings(message: str) -> str:
+    """SQL: the ids (uuid[]) of the messages sharing `message`'s parent and role, oldest first.
+
+    Two index-only lookups, one per case: the roots of one chat, or the children of one message.
+    """
+    return f"""CASE WHEN {message}.parent_id IS NULL
+        THEN ARRAY(SELECT s.id FROM messages s WHERE s.chat_id = {message}.chat_id AND s.parent_id IS NULL
+                   AND s.role = {message}.role ORDER BY s.seq)
+        ELSE ARRAY(SELECT s.id FROM messages s WHERE s.parent_id = {message}.parent_id
+                   AND s.role = {message}.role ORDER BY s.seq)
+        END"""
 
 
 def title_from(content: str) -> str:
@@ -113,16 +149,44 @@ def get_chat(*, user_id: str, chat_id: str) -> dict[str, Any]:
     return chat_out(row)
 
 
-def rename_chat(*, user_id: str, chat_id: str, title: str) -> dict[str, Any]:
+def update_chat(
+    *, user_id: str, chat_id: str, title: str | None, active_leaf_id: str | None
+) -> dict[str, Any]:
+    """Rename a chat and/or switch its branch.
+
+    `active_leaf_id` may name any message of the chat: the chat then shows the newest leaf under it (that
+    message itself when it has no replies), so a client switching to a sibling lands on the branch last
+    written under it. Only a rename bumps `updatedAt`: switching branches is reading, not writing.
+    """
     with db.transaction() as conn:
+        owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
+        leaf = None
+        if active_leaf_id is not None:
+            found = conn.execute(_NEWEST_LEAF, {"chat_id": chat_id, "message_id": active_leaf_id}).fetchone()
+            if found is None:
+                raise NotFound("Message not found.")
+            leaf = found["id"]
         row = conn.execute(
-            f"UPDATE chats SET title = %s, updated_at = now() WHERE id = %s AND user_id = %s"
-            f" RETURNING {_CHAT_COLUMNS}",
-            (title, chat_id, user_id),
+            "UPDATE chats SET title = coalesce(%(title)s, title),"
+            " updated_at = CASE WHEN %(title)s::text IS NULL THEN updated_at ELSE now() END,"
+            " active_leaf_id = coalesce(%(leaf)s, active_leaf_id)"
+            f" WHERE id = %(chat_id)s RETURNING {_CHAT_COLUMNS}",
+            {"title": title, "leaf": leaf, "chat_id": chat_id},
         ).fetchone()
-    if row is None:
-        raise NotFound("Chat not found.")
+    assert row is not None
     return chat_out(row)
+
+
+# The newest message under one of the chat's messages (itself included): always a leaf, as any reply
+# would be newer. Walks the subtree through messages_parent_idx.
+_NEWEST_LEAF = """
+    WITH RECURSIVE subtree AS (
+        SELECT id, seq FROM messages WHERE id = %(message_id)s AND chat_id = %(chat_id)s
+        UNION ALL
+        SELECT m.id, m.seq FROM subtree JOIN messages m ON m.parent_id = subtree.id
+    )
+    SELECT id FROM subtree ORDER BY seq DESC LIMIT 1
+"""
 
 
 def owned_chat_for_update(conn: db.Conn, *, user_id: str, chat_id: str) -> dict[str, Any]:
@@ -144,70 +208,174 @@ def delete_chat(*, user_id: str, chat_id: str) -> None:
 
 
 def insert_message(
-    conn: db.Conn, *, chat_id: str, role: str, content: str, generation_id: str | None = None
+    conn: db.Conn,
+    *,
+    chat_id: str,
+    role: str,
+    content: str,
+    parent_id: str | None = None,
+    generation_id: str | None = None,
 ) -> dict[str, Any]:
-    """Append a message and bump the chat (title from the first user message when it has none)."""
-    conn.execute(
-        "UPDATE chats SET updated_at = now(),"
-        " title = CASE WHEN title IS NULL AND %s = 'user' THEN %s ELSE title END WHERE id = %s",
-        (role, title_from(content), chat_id),
-    )
+    """Add a message under `parent_id` and make it the chat's active leaf, in one statement.
+
+    An answer (`generation_id` given) goes under the message its generation answers, whatever the chat
+    shows by now. The chat is bumped (and titled from its first user message when it has none).
+    """
     row = conn.execute(
-        f"INSERT INTO messages (chat_id, role, content, generation_id) VALUES (%s, %s, %s, %s)"
-        f" RETURNING {_MESSAGE_COLUMNS}",
-        (chat_id, role, content, generation_id),
+        _INSERT_MESSAGE,
+        {
+            "chat_id": chat_id,
+            "role": role,
+            "content": content,
+            "parent_id": parent_id,
+            "generation_id": generation_id,
+            "title": title_from(content),
+        },
     ).fetchone()
     assert row is not None
     return row
 
 
+# Its siblings are found before the row exists (a statement's subqueries do not see its own insert):
+# the others, then itself, the newest. They and it are marked `forked` when there are any, so that a
+# listed message looks its siblings up only then. The chat's active_leaf_id key is checked at the end of
+# the statement, once the row exists.
+_INSERT_MESSAGE = f"""
+    WITH place AS (
+        SELECT %(chat_id)s::uuid AS chat_id, %(role)s::text AS role,
+               CASE WHEN %(generation_id)s::uuid IS NULL THEN %(parent_id)s::uuid
+                    ELSE g.parent_message_id END AS parent_id
+        FROM (VALUES (1)) AS one LEFT JOIN generations g ON g.id = %(generation_id)s::uuid
+    ), older AS (
+        SELECT {_siblings("place")} AS ids FROM place
+    ), fork AS (
+        UPDATE messages m SET forked = true FROM older WHERE m.id = ANY(older.ids) AND NOT m.forked
+    ), new AS (
+        INSERT INTO messages (chat_id, parent_id, role, content, generation_id, forked)
+        SELECT place.chat_id, place.parent_id, place.role, %(content)s::text, %(generation_id)s::uuid,
+               cardinality(older.ids) > 0
+        FROM place, older
+        RETURNING id, seq, chat_id, parent_id, role, content, generation_id, created_at
+    ), chat AS (
+        UPDATE chats SET updated_at = now(), active_leaf_id = (SELECT id FROM new),
+            title = CASE WHEN title IS NULL AND %(role)s = 'user' THEN %(title)s ELSE title END
+        WHERE id = %(chat_id)s
+    )
+    SELECT new.*, older.ids || new.id AS sibling_ids FROM new, older
+"""
+
+
+def answer_parent(
+    conn: db.Conn,
+    *,
+    chat: dict[str, Any],
+    content: str | None,
+    edit_of: str | None,
+    regenerate_of: str | None,
+) -> str | None:
+    """Place a generation's prompt in the (locked) chat; returns the message its answer will follow.
+
+    Plain `content` goes under the active leaf; an edit beside `edit_of`; a regenerate adds nothing and
+    shows the parent of `regenerate_of` until the new answer arrives. Without either, the answer follows
+    the active leaf.
+    """
+    chat_id = str(chat["id"])
+    parent = chat["active_leaf_id"]
+    if edit_of is not None:
+        parent = _branch_point(conn, chat_id=chat_id, message_id=edit_of, role="user", field="editOf")
+    elif regenerate_of is not None:
+        parent = _branch_point(
+            conn, chat_id=chat_id, message_id=regenerate_of, role="assistant", field="regenerateOf"
+        )
+        conn.execute("UPDATE chats SET active_leaf_id = %s WHERE id = %s", (parent, chat_id))
+        return str(parent) if parent is not None else None
+    if content is not None:
+        parent = insert_message(conn, chat_id=chat_id, role="user", content=content, parent_id=parent)["id"]
+    return str(parent) if parent is not None else None
+
+
+def _branch_point(conn: db.Conn, *, chat_id: str, message_id: str, role: str, field: str) -> Any:
+    """The parent of the chat's message `message_id`, which must have `role`."""
+    row = conn.execute(
+        "SELECT role, parent_id FROM messages WHERE id = %s AND chat_id = %s", (message_id, chat_id)
+    ).fetchone()
+    if row is None:
+        raise NotFound("Message not found.")
+    if row["role"] != role:
+        raise ValidationError(f"'{field}' must be the id of a message with role '{role}'.", field=field)
+    return row["parent_id"]
+
+
 def add_message(*, user_id: str, chat_id: str, content: str) -> dict[str, Any]:
+    """A user message after the chat's active leaf."""
     with db.transaction() as conn:
-        owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
-        row = insert_message(conn, chat_id=chat_id, role="user", content=content)
+        chat = owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
+        row = insert_message(
+            conn, chat_id=chat_id, role="user", content=content, parent_id=chat["active_leaf_id"]
+        )
     return message_out(row)
 
 
-def list_messages(*, user_id: str, chat_id: str, limit: int, cursor: str | None) -> str:
-    """Oldest first; keyset pagination on the insertion sequence, stable under inserts.
+def list_messages(
+    *, user_id: str, chat_id: str, limit: int, cursor: str | None, leaf_id: str | None = None
+) -> str:
+    """The path from the root to the active leaf (or to `leaf_id`), oldest first.
 
-    The reply is JSON text (`{"items": [...], "nextCursor": ...}`) whose items PostgreSQL wrote: no
-    Python object is made per message only to be encoded again (that cost more than the query).
+    Keyset pagination on the insertion sequence, which grows along a path: a page after the cursor is
+    stable while a generation appends to the branch. The reply is JSON text (`{"items": [...],
+    "nextCursor": ...}`) whose items PostgreSQL wrote: no Python object is made per message only to be
+    encoded again (that cost more than the query).
     """
     position = decode_cursor(cursor, size=MESSAGES_CURSOR_SIZE)
     after = position[0] if position is not None else 0
+    params = {"after": after, "limit": limit, "chat_id": chat_id, "user_id": user_id, "leaf_id": leaf_id}
     with db.read() as conn:
-        # One round trip: the ownership check rides along as a join (a chat without messages: one row
-        # of NULLs; another user's chat: no row). Rows as tuples: (seq, item).
-        rows = (
-            conn.cursor(row_factory=tuple_row)
-            .execute(_LIST_MESSAGES, {"after": after, "limit": limit, "chat_id": chat_id, "user_id": user_id})
-            .fetchall()
-        )
+        # One round trip: the ownership check rides along (a chat with an empty path: one row of NULLs
+        # after its leaf; another user's chat: no row). Rows as tuples: (leaf, seq, item).
+        rows = conn.cursor(row_factory=tuple_row).execute(_LIST_PATH, params).fetchall()
     if not rows:
         raise NotFound("Chat not found.")
+    if leaf_id is not None and rows[0][0] is None:
+        raise NotFound("Message not found.")
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = encode_cursor([rows[-1][0]])
-    items = ",".join(item for _, item in rows if item is not None)
+        next_cursor = encode_cursor([rows[-1][1]])
+    items = ",".join(item for _, _, item in rows if item is not None)
     return f'{{"items":[{items}],"nextCursor":{json.dumps(next_cursor)}}}'
 
 
-# serialize.message_out's shape, written by PostgreSQL (measured: a third of the CPU of rows made into
-# dicts and encoded here, and less than json_build_object or row_to_json). to_json escapes the content;
-# to_char truncates to milliseconds as serialize.iso does. tests/integration/test_chats_api.py checks
-# that a listed message equals the one its POST returned.
-_LIST_MESSAGES = """
-    SELECT m.seq,
-           '{"id":"' || m.id || '","chatId":"' || m.chat_id || '","role":"' || m.role
+# The path is walked up from the leaf, one primary-key lookup a step, and no further than the cursor
+# (a parent is older than its child). Only the page's rows are read in full, and only a `forked` one
+# (it has siblings) looks them up: most messages have none.
+# The items are serialize.message_out's shape, written by PostgreSQL (measured: a third of the CPU of
+# rows made into dicts and encoded here, and less than json_build_object or row_to_json). to_json
+# escapes the content; to_char truncates to milliseconds as serialize.iso does.
+# tests/integration/test_chats_api.py checks that a listed message equals the one its POST returned.
+_LIST_PATH = f"""
+    WITH RECURSIVE head AS (
+        SELECT CASE WHEN %(leaf_id)s::uuid IS NULL THEN c.active_leaf_id
+                    ELSE (SELECT m.id FROM messages m WHERE m.id = %(leaf_id)s::uuid AND m.chat_id = c.id)
+               END AS leaf_id
+        FROM chats c WHERE c.id = %(chat_id)s AND c.user_id = %(user_id)s
+    ), path AS (
+        SELECT m.id, m.parent_id, m.seq FROM head JOIN messages m ON m.id = head.leaf_id
+        UNION ALL
+        SELECT m.id, m.parent_id, m.seq FROM path JOIN messages m ON m.id = path.parent_id
+        WHERE path.seq > %(after)s
+    ), page AS (
+        SELECT id FROM path WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s + 1
+    )
+    SELECT head.leaf_id, m.seq,
+           '{{"id":"' || m.id || '","chatId":"' || m.chat_id
+           || '","parentId":' || coalesce('"' || m.parent_id || '"', 'null')
+           || ',"role":"' || m.role
            || '","content":' || to_json(m.content)
            || ',"generationId":' || coalesce('"' || m.generation_id || '"', 'null')
            || ',"createdAt":"' || to_char(m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
-           || '"}' AS item
-    FROM chats c LEFT JOIN LATERAL (
-        SELECT * FROM messages WHERE chat_id = c.id AND seq > %(after)s ORDER BY seq LIMIT %(limit)s + 1
-    ) m ON true
-    WHERE c.id = %(chat_id)s AND c.user_id = %(user_id)s
+           || '","siblingIds":'
+           || CASE WHEN m.forked THEN array_to_json({_siblings("m")})::text ELSE '["' || m.id || '"]' END
+           || '}}' AS item
+    FROM head LEFT JOIN (page JOIN messages m ON m.id = page.id) ON true
     ORDER BY m.seq
 """

@@ -74,6 +74,10 @@ class Settings:
         env = resolve_secret_references(env)  # *_SECRET_ARN → credentials, once per cold start (AWS)
         environment = env.get("MINICHAT_ENV") or ("aws" if env.get("AWS_LAMBDA_FUNCTION_NAME") else "local")
         defaults = cls()
+        # A Lambda environment serves one request at a time (the stream function a few streams), and
+        # hundreds of them can be warm at once: a small pool that may shrink to nothing keeps RDS within
+        # its connection limit. A long-running local process keeps one connection warm.
+        pool_min, pool_max = (0, 2) if environment == "aws" else (defaults.db_pool_min, defaults.db_pool_max)
         return cls(
             environment=environment,
             database_url=env.get("DATABASE_URL") or defaults.database_url,
@@ -102,8 +106,8 @@ class Settings:
             rate_api=env.get("MINICHAT_RATE_API") or defaults.rate_api,
             daily_token_budget=_int(env, "MINICHAT_DAILY_TOKEN_BUDGET", 0, low=0, high=10**12),
             max_streams_per_user=_int(env, "MINICHAT_MAX_STREAMS_PER_USER", 8, low=1, high=10_000),
-            db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", 1, low=0, high=100),
-            db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", 10, low=1, high=200),
+            db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", pool_min, low=0, high=100),
+            db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", pool_max, low=1, high=200),
             log_level=(env.get("MINICHAT_LOG_LEVEL") or "INFO").upper(),
         )
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from psycopg import errors as pg_errors
 
-from minichat import auth, db, events, kv, limits
+from minichat import auth, buffer, db, events, kv, limits
+from minichat.chats import answer_parent, insert_message, owned_chat_for_update
 from minichat.chats import delete_chat as _delete_chat_rows
-from minichat.chats import insert_message, owned_chat_for_update
-from minichat.errors import GenerationInFlight, InvalidToken, NotFound, ServiceUnavailable
+from minichat.config import get_settings
+from minichat.errors import GenerationInFlight, InvalidToken, MiniChatError, NotFound, ServiceUnavailable
 from minichat.log import get_logger
+from minichat.providers.base import ChatMessage, build_prompt, estimate_prompt_tokens, estimate_tokens
 from minichat.serialize import iso
 
 __all__ = [
@@ -26,12 +30,13 @@ __all__ = [
     "COLUMNS",
     "IN_FLIGHT",
     "TERMINAL",
+    "Outcome",
     "cancel_generation",
     "cancel_key",
     "claim",
     "create_generation",
     "delete_chat",
-    "events_key",
+    "end_elsewhere",
     "final_state",
     "finish",
     "generation_out",
@@ -40,6 +45,7 @@ __all__ = [
     "history",
     "open_for_stream",
     "persist_terminal",
+    "prompt_for",
     "stale",
     "status_of",
     "stream_url",
@@ -52,22 +58,36 @@ IN_FLIGHT = ("queued", "streaming")
 COLUMNS = (
     "id, chat_id, user_id, status, model, system_prompt, temperature, max_tokens, input_tokens,"
     " output_tokens, usage_estimated, created_at, started_at, finished_at, error_code, error_message,"
-    " request_id"
+    " request_id, finish_reason"
 )
 CANCEL_CHANNEL = "minichat:cancel"
 _CANCEL_FLAG_TTL = 3600
 # A lock younger than this whose generation row is not visible yet belongs to a create still committing.
 _FRESH_LOCK_MS = 5_000
 _HISTORY_LIMIT = 400
+_PROMPT_ROLES = ("user", "assistant", "system")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a generation ended: everything its terminal transaction writes."""
+
+    status: str  # one of TERMINAL
+    text: str = ""  # the assistant message (none when empty)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+    error_code: str | None = None
+    error_message: str | None = None
+    finish_reason: str | None = None  # "stop" | "length", only for a generation that succeeded
+
+    @classmethod
+    def failed(cls, error: MiniChatError, **usage: Any) -> Outcome:
+        return cls(status="failed", error_code=error.code, error_message=error.message, **usage)
 
 
 def cancel_key(generation_id: str) -> str:
     return f"generation:{generation_id}:cancel"
-
-
-def events_key(generation_id: str) -> str:
-    """The generation's event buffer (a Redis Stream of encoded SSE frames, entry ids `0-<n>`)."""
-    return f"generation:{generation_id}:events"
 
 
 def generation_out(row: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +108,7 @@ def generation_out(row: dict[str, Any]) -> dict[str, Any]:
         "errorCode": row["error_code"],
         "errorMessage": row["error_message"],
         "requestId": row["request_id"],
+        "finishReason": row["finish_reason"],
     }
 
 
@@ -134,8 +155,14 @@ def create_generation(
     temperature: float | None,
     max_tokens: int | None,
     request_id: str | None,
+    edit_of: str | None = None,
+    regenerate_of: str | None = None,
 ) -> dict[str, Any]:
-    """Queue a generation (with the user's message, in one transaction) under the in-flight lock."""
+    """Queue a generation (with the user's message, in one transaction) under the in-flight lock.
+
+    Every kind of create (a new message, an edit, a regenerate, none) takes this one path: only where
+    its prompt goes in the chat's tree differs (chats.answer_parent).
+    """
     generation_id = str(uuid.uuid4())
     client = kv.get_redis()
     try:
@@ -157,16 +184,17 @@ def create_generation(
         raise
     try:
         with db.transaction() as conn:
-            owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
-            if content is not None:
-                insert_message(conn, chat_id=chat_id, role="user", content=content)
+            chat = owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
+            parent_id = answer_parent(
+                conn, chat=chat, content=content, edit_of=edit_of, regenerate_of=regenerate_of
+            )
             try:
                 with conn.transaction():  # a savepoint: the backstop's violation must not end the transaction
                     row = conn.execute(
                         f"""
-                        INSERT INTO generations
-                            (id, chat_id, user_id, model, system_prompt, temperature, max_tokens, request_id)
-                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                        INSERT INTO generations (id, chat_id, user_id, model, system_prompt, temperature,
+                                                 max_tokens, request_id, parent_message_id)
+                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
                         RETURNING {COLUMNS}
                         """,
                         (
@@ -178,6 +206,7 @@ def create_generation(
                             temperature,
                             max_tokens,
                             request_id,
+                            parent_id,
                         ),
                     ).fetchone()
             except pg_errors.UniqueViolation:
@@ -239,7 +268,7 @@ def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 1
     heartbeat (their process died)."""
     return conn.execute(
         """
-        SELECT id, user_id, status FROM generations
+        SELECT id, user_id, chat_id, status, system_prompt FROM generations
         WHERE (status = 'queued' AND created_at < now() - make_interval(secs => %s))
            OR (status = 'streaming'
                AND COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s))
@@ -250,12 +279,30 @@ def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 1
     ).fetchall()
 
 
-def history(conn: db.Conn, chat_id: str) -> list[tuple[str, str]]:
-    """(role, content) of the chat's newest messages, oldest first."""
+def prompt_for(system_prompt: str | None, history: Sequence[tuple[str, str]]) -> list[ChatMessage]:
+    """What the model is sent: the system prompt plus the newest history that fits the context."""
+    return build_prompt(
+        system_prompt,
+        [ChatMessage(role, content) for role, content in history if role in _PROMPT_ROLES],
+        context_tokens=get_settings().context_tokens,
+    )
+
+
+def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
+    """(role, content) of the path that leads to the generation's answer (its newest messages), oldest
+    first: nothing from other branches. One recursive query up the parents."""
     rows = conn.execute(
-        "SELECT role, content FROM (SELECT role, content, seq FROM messages WHERE chat_id = %s"
-        " ORDER BY seq DESC LIMIT %s) m ORDER BY seq",
-        (chat_id, _HISTORY_LIMIT),
+        """
+        WITH RECURSIVE path AS (
+            SELECT m.parent_id, m.seq, m.role, m.content, 1 AS depth
+            FROM generations g JOIN messages m ON m.id = g.parent_message_id WHERE g.id = %s
+            UNION ALL
+            SELECT m.parent_id, m.seq, m.role, m.content, path.depth + 1
+            FROM path JOIN messages m ON m.id = path.parent_id WHERE path.depth < %s
+        )
+        SELECT role, content FROM path ORDER BY seq
+        """,
+        (generation_id, _HISTORY_LIMIT),
     ).fetchall()
     return [(r["role"], r["content"]) for r in rows]
 
@@ -264,40 +311,36 @@ def finish(
     conn: db.Conn,
     *,
     generation_id: str,
-    status: str,
+    outcome: Outcome,
     from_states: tuple[str, ...],
-    text: str = "",
-    input_tokens: int = 0,
-    output_tokens: int = 0,
-    estimated: bool = False,
-    error_code: str | None = None,
-    error_message: str | None = None,
     silent_for: float | None = None,
 ) -> dict[str, Any] | None:
-    """The terminal transition, the assistant message and the usage event in the caller's transaction.
+    """The terminal transaction's work, in the caller's transaction: the terminal transition, the
+    assistant message, the usage and audit events.
 
     `silent_for` (the reaper): only if nothing has been heard of the generation for that many seconds,
     checked in the same statement, so a heartbeat that lands first keeps it alive.
     Returns the updated row, or None when another party ended the generation first.
     """
-    assert status in TERMINAL
+    assert outcome.status in TERMINAL
     row = conn.execute(
         f"""
         UPDATE generations
         SET status = %s, finished_at = now(), input_tokens = %s, output_tokens = %s,
-            usage_estimated = %s, error_code = %s, error_message = %s
+            usage_estimated = %s, error_code = %s, error_message = %s, finish_reason = %s
         WHERE id = %s AND status = ANY(%s)
           AND (%s::float8 IS NULL
                OR COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s::float8))
         RETURNING {COLUMNS}
         """,
         (
-            status,
-            input_tokens,
-            output_tokens,
-            estimated,
-            error_code,
-            error_message,
+            outcome.status,
+            outcome.input_tokens,
+            outcome.output_tokens,
+            outcome.estimated,
+            outcome.error_code,
+            outcome.error_message,
+            outcome.finish_reason if outcome.status == "succeeded" else None,
             generation_id,
             list(from_states),
             silent_for,
@@ -306,30 +349,84 @@ def finish(
     ).fetchone()
     if row is None:
         return None
-    if text:
+    if outcome.text:
         insert_message(
-            conn, chat_id=row["chat_id"], role="assistant", content=text, generation_id=generation_id
+            conn, chat_id=row["chat_id"], role="assistant", content=outcome.text, generation_id=generation_id
         )
     user_id = str(row["user_id"])
-    if input_tokens or output_tokens:
+    if outcome.input_tokens or outcome.output_tokens:
         events.record_usage(
             conn,
             user_id=user_id,
             generation_id=generation_id,
             model=row["model"],
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            estimated=estimated,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            estimated=outcome.estimated,
         )
-    metadata: dict[str, Any] = {"generationId": generation_id, "status": status}
-    if error_code:
-        metadata["errorCode"] = error_code
+    metadata: dict[str, Any] = {"generationId": generation_id, "status": outcome.status}
+    if outcome.error_code:
+        metadata["errorCode"] = outcome.error_code
     events.record_audit(
         conn,
         user_id=user_id,
-        action="generation.canceled" if status == "canceled" else "generation.finished",
+        action="generation.canceled" if outcome.status == "canceled" else "generation.finished",
         metadata=metadata,
     )
+    return row
+
+
+def end_elsewhere(
+    client: redis.Redis,
+    running: dict[str, Any],
+    *,
+    error: MiniChatError | None = None,
+    from_states: tuple[str, ...] | None = None,
+    silent_for: float | None = None,
+    buffer_ttl: int,
+) -> dict[str, Any] | None:
+    """End an in-flight generation whose run is not here to end it: `failed` with `error` (the reaper),
+    or `canceled` without one (a chat deletion).
+
+    `running` is its row as read (id, user_id, chat_id, status, system_prompt). A streaming one keeps what
+    its run already streamed (read back from the event buffer) and is counted (estimated usage: the
+    prompt and that text); its followers get the closing events. The user's lock is freed.
+    Returns the terminal row, or None when it had ended (or had been heard from) in the meantime.
+    Raises RedisError when a streaming generation's buffer cannot be read: ending it then would lose
+    its text, so the caller waits (the reaper) or goes on without it.
+    """
+    generation_id = str(running["id"])
+    streamed = running["status"] == "streaming"
+    text, last = buffer.read_text(client, generation_id) if streamed else ("", 0)
+    with db.transaction() as conn:
+        usage: dict[str, Any] = {}
+        if streamed:
+            prompt = prompt_for(running["system_prompt"], history(conn, generation_id))
+            usage = {
+                "input_tokens": estimate_prompt_tokens(prompt),
+                "output_tokens": estimate_tokens(text),
+                "estimated": True,
+            }
+        outcome = (
+            Outcome.failed(error, text=text, **usage)
+            if error is not None
+            else Outcome(status="canceled", text=text, **usage)
+        )
+        row = finish(
+            conn,
+            generation_id=generation_id,
+            outcome=outcome,
+            from_states=from_states or (running["status"],),
+            silent_for=silent_for,
+        )
+    if row is None:
+        return None
+    try:
+        limits.release_inflight(client, user_id=str(running["user_id"]), generation_id=generation_id)
+        if streamed:
+            buffer.close(client, row, after=last, ttl=buffer_ttl)
+    except redis.RedisError:
+        log.warning("could not reach Redis after ending a generation", generation_id=generation_id)
     return row
 
 
@@ -354,7 +451,9 @@ def cancel_generation(*, user_id: str, generation_id: str) -> dict[str, Any]:
             raise ServiceUnavailable("Cannot reach the running generation; retry shortly.") from exc
     if row["status"] == "queued":
         with db.transaction() as conn:
-            ended = finish(conn, generation_id=generation_id, status="canceled", from_states=("queued",))
+            ended = finish(
+                conn, generation_id=generation_id, outcome=Outcome(status="canceled"), from_states=("queued",)
+            )
             row = ended or _owned(conn, user_id=user_id, generation_id=generation_id)
         if ended is not None:
             _release_quietly(client, user_id=user_id, generation_id=generation_id)
@@ -362,11 +461,13 @@ def cancel_generation(*, user_id: str, generation_id: str) -> dict[str, Any]:
 
 
 def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
-    """Delete a chat; its running generation is ended and the user's lock freed before this returns."""
+    """Delete a chat; its running generation is ended (and counted) and the user's lock freed before
+    this returns."""
     with db.transaction() as conn:
         owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
         running = conn.execute(
-            "SELECT id, status FROM generations WHERE chat_id = %s AND status IN ('queued', 'streaming')",
+            "SELECT id, user_id, chat_id, status, system_prompt FROM generations"
+            " WHERE chat_id = %s AND status IN ('queued', 'streaming')",
             (chat_id,),
         ).fetchone()
     if running is not None:
@@ -375,16 +476,26 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
         deadline = time.monotonic() + wait_s
         while True:
             with db.read() as conn:
-                status = conn.execute(
+                current = conn.execute(
                     "SELECT status FROM generations WHERE id = %s", (generation_id,)
                 ).fetchone()
-            if status is None or status["status"] in TERMINAL or time.monotonic() > deadline:
+            if current is None or current["status"] in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                # Its run did not answer in time (or its process is gone): end it here, counted with
+                # what it streamed, before the chat (and the row) go.
+                running["status"] = current["status"]
+                try:
+                    end_elsewhere(
+                        kv.get_redis(),
+                        running,
+                        from_states=IN_FLIGHT,
+                        buffer_ttl=get_settings().stream_buffer_ttl,
+                    )
+                except redis.RedisError as exc:
+                    raise ServiceUnavailable("Cannot end the chat's generation; retry shortly.") from exc
                 break
             time.sleep(0.02)
-        with db.transaction() as conn:
-            # The streaming process did not answer in time (or is gone): end it here.
-            finish(conn, generation_id=generation_id, status="canceled", from_states=IN_FLIGHT)
-        _release_quietly(kv.get_redis(), user_id=user_id, generation_id=generation_id)
     _delete_chat_rows(user_id=user_id, chat_id=chat_id)
 
 
@@ -398,7 +509,7 @@ def open_for_stream(
     with db.transaction() as conn:
         row = claim(conn, generation_id=generation_id, user_id=user_id)
         if row is not None:
-            return row, history(conn, str(row["chat_id"]))
+            return row, history(conn, generation_id)
         row = conn.execute(
             f"SELECT {COLUMNS} FROM generations WHERE id = %s AND user_id = %s", (generation_id, user_id)
         ).fetchone()
@@ -410,36 +521,24 @@ def open_for_stream(
     return row, None
 
 
-def persist_terminal(
-    *,
-    generation_id: str,
-    status: str,
-    text: str,
-    input_tokens: int,
-    output_tokens: int,
-    estimated: bool,
-    error_code: str | None,
-    error_message: str | None,
-) -> dict[str, Any]:
+def persist_terminal(*, generation_id: str, outcome: Outcome) -> dict[str, Any]:
+    """The run's terminal transaction (streaming → its outcome); the row as the database has it after."""
     with db.transaction() as conn:
-        row = finish(
-            conn,
-            generation_id=generation_id,
-            status=status,
-            from_states=("streaming",),
-            text=text,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            estimated=estimated,
-            error_code=error_code,
-            error_message=error_message,
-        )
+        row = finish(conn, generation_id=generation_id, outcome=outcome, from_states=("streaming",))
         if row is None:  # ended elsewhere first (chat deleted, reaper): report what the database says
             row = conn.execute(
                 f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,)
             ).fetchone()
     if row is None:  # the chat, and the generation with it, is gone
-        return {"status": "canceled", "input_tokens": 0, "output_tokens": 0, "usage_estimated": True}
+        return {
+            "id": generation_id,
+            "status": "canceled",
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "usage_estimated": True,
+            "error_code": None,
+            "error_message": None,
+        }
     return row
 
 

@@ -29,16 +29,23 @@ def chat_out(row: dict[str, Any]) -> dict[str, Any]:
         "title": row["title"],
         "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]),
+        "activeLeafId": _id(row["active_leaf_id"]),
     }
 
 
 def message_out(row: dict[str, Any]) -> dict[str, Any]:
-    gen = row.get("generation_id")
+    """chats._LIST_PATH writes the same shape in SQL."""
     return {
         "id": str(row["id"]),
         "chatId": str(row["chat_id"]),
+        "parentId": _id(row["parent_id"]),
         "role": row["role"],
         "content": row["content"],
-        "generationId": str(gen) if gen else None,
+        "generationId": _id(row.get("generation_id")),
         "createdAt": iso(row["created_at"]),
+        "siblingIds": [str(sibling) for sibling in row["sibling_ids"]],
     }
+
+
+def _id(value: Any) -> str | None:
+    return str(value) if value is not None else None

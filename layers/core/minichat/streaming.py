@@ -3,10 +3,12 @@
 One `Engine` per process owns:
 - the runs started here (the first stream connection claims a queued generation and starts its run in a
   task that does not depend on any connection);
-- the Redis Stream writer: every event also goes to `generation:{id}:events` (batched pipelines), so a
-  reader in another process, or after a restart, sees the same numbered sequence;
-- the cancel listener (Redis pub/sub; a cancel reaches the run within milliseconds) and a supervisor
-  tick (idle timeouts, lock and heartbeat renewal, a cancel-flag poll in case a pub/sub message is lost).
+- the event buffer writer (minichat.buffer): every event also goes to the generation's Redis Stream
+  (batched, in order, retried), so a reader in another process, or after a restart, sees the same
+  numbered sequence;
+- the cancel listener (Redis pub/sub; a cancel reaches the run within milliseconds), a supervisor tick
+  (idle timeouts, readers' pings) and the keep-alive (the database heartbeat, which never waits on Redis,
+  then lock renewal and a cancel-flag poll in case a pub/sub message is lost).
 Database work runs in a small thread pool through the same synchronous core functions the API uses.
 """
 
@@ -23,9 +25,11 @@ from typing import Any, TypeVar
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from minichat import generations, limits
+from minichat import buffer, generations, limits
+from minichat.chats import ASSISTANT_MAX_CHARS, repair_text
 from minichat.config import Settings
 from minichat.errors import (
+    InternalError,
     MiniChatError,
     NotFound,
     ProviderError,
@@ -33,20 +37,19 @@ from minichat.errors import (
     ServiceUnavailable,
     WorkerLost,
 )
+from minichat.generations import Outcome
 from minichat.log import get_logger
 from minichat.providers import (
-    ChatMessage,
     Delta,
     Finish,
     ProviderRegistry,
     ProviderRequest,
-    build_prompt,
     estimate_prompt_tokens,
     estimate_tokens,
 )
 from minichat.sse import encode_comment, encode_event
 
-__all__ = ["HEARTBEAT_S", "Engine", "Opened", "events_key"]
+__all__ = ["HEARTBEAT_S", "Engine", "Opened"]
 
 log = get_logger("minichat.streaming")
 T = TypeVar("T")
@@ -54,39 +57,11 @@ T = TypeVar("T")
 HEARTBEAT_S = 15.0  # a `: ping` at least this often while a stream is idle
 COALESCE_S = 0.004  # deltas closer together than this go out as one event (never the first one)
 _SUPERVISE_S = 0.5
-# Events gather this long before they go to the Redis Streams in one call (a `done` goes at once): with
-# 100 streams that is one round trip for dozens of events instead of one for every few. Only readers in
-# other processes wait for it; a reader here takes events in-process.
-_WRITE_BATCH_S = 0.01
-_WRITE_MAX_EVENTS = 1000  # events per script call
-# One call appends a batch of events to their Redis Streams: a pipeline of XADDs cost redis-py about
-# 15 µs of CPU per event on the event loop (packing each command, parsing each reply), this one call
-# about 4. KEYS[i] gets entry ARGV[3i-1] (the event number as its id) with field f = the frame;
-# mark ARGV[3i]: "s" the generation's first event (the TTL is set), "e" its last (field e marks the
-# end; the TTL is set again, so the buffer is kept at least ARGV[1] seconds after the end). pcall: an
-# entry that fails leaves the others written, as the pipeline did.
-_APPEND_EVENTS = """
-local ttl = ARGV[1]
-for i = 1, #KEYS do
-  local id, mark, frame = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
-  if mark == 'e' then
-    redis.pcall('XADD', KEYS[i], id, 'f', frame, 'e', '1')
-  else
-    redis.pcall('XADD', KEYS[i], id, 'f', frame)
-  end
-  if mark ~= '' then
-    redis.pcall('EXPIRE', KEYS[i], ttl)
-  end
-end
-return #KEYS
-"""
 _RENEW_EVERY_S = 5.0
+_RELEASE_WAIT_S = 1.0  # a lock whose release cannot be confirmed is left behind: it never blocks anyone
+_PING_DUE_S = HEARTBEAT_S - 2.0  # a reader of another process's run: a ping when idle this long
 _PING = encode_comment("ping")
-_VALID_ROLES = ("user", "assistant", "system")
-
-
-def events_key(generation_id: str) -> str:
-    return f"generation:{generation_id}:events"
+_SAVE_FAILED = InternalError("The answer could not be saved.")
 
 
 @dataclass
@@ -97,10 +72,11 @@ class Run:
     frames: list[bytes] = field(default_factory=list)
     finished: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_reason: str | None = None  # "canceled" | "timeout" | "shutdown"
-    finish_reason: str | None = None  # what the provider said: "stop" | "length"
+    stop_reason: str | None = None  # "canceled" | "timeout" | "shutdown" | "length" (the message bound)
+    finish_reason: str | None = None  # what the provider said, or "length" at the message bound
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     parts: list[str] = field(default_factory=list)
+    chars: int = 0  # the length of the answer so far
     pending: list[str] = field(default_factory=list)
     last_emit: float = -1.0
     last_activity: float = 0.0
@@ -139,11 +115,8 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="minichat-db")
         self._redis: redis.asyncio.Redis | None = None
         self._readers: redis.asyncio.Redis | None = None
-        self._append_events: Any = None
+        self._buffer: buffer.Writer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._outbox: list[tuple[str, int, bytes, bool]] = []
-        self._outbox_ready = asyncio.Event()
-        self._outbox_end = asyncio.Event()  # a `done` is waiting: write without the batching delay
         self._closing = False
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -170,12 +143,13 @@ class Engine:
             max_connections=10_000,
             driver_info=None,
         )
-        self._append_events = self._redis.register_script(_APPEND_EVENTS)
+        self._buffer = buffer.Writer(self._redis, ttl=self.settings.stream_buffer_ttl)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._write_buffers(), name="minichat-buffer-writer"),
+            loop.create_task(self._buffer.run(), name="minichat-buffer-writer"),
             loop.create_task(self._listen_for_cancels(), name="minichat-cancel-listener"),
             loop.create_task(self._supervise(), name="minichat-supervisor"),
+            loop.create_task(self._keep_alive(), name="minichat-keep-alive"),
         ]
 
     async def drain(self, *, grace_s: float = 5.0) -> None:
@@ -187,7 +161,8 @@ class Engine:
         pending = [r.task for r in self.runs.values() if r.task is not None]
         if pending:
             await asyncio.wait(pending, timeout=grace_s)
-        await asyncio.sleep(0.01)  # let the writer send the last events
+        if self._buffer is not None:
+            await self._buffer.written(timeout=1.0)  # the last events, for readers elsewhere
 
     async def close(self, *, grace_s: float = 5.0) -> None:
         """Stop the engine (after drain, or in its place)."""
@@ -239,11 +214,7 @@ class Engine:
 
     async def _run(self, run: Run, history: list[tuple[str, str]]) -> None:
         row = run.row
-        messages = build_prompt(
-            row["system_prompt"],
-            [ChatMessage(role, content) for role, content in history if role in _VALID_ROLES],
-            context_tokens=self.settings.context_tokens,
-        )
+        messages = generations.prompt_for(row["system_prompt"], history)
         prompt_estimate = estimate_prompt_tokens(messages)
         usage: list[Any] = []
         status, error = "succeeded", None
@@ -282,24 +253,8 @@ class Engine:
             status, error = "failed", exc
         except Exception as exc:  # the run must always end persisted, whatever broke
             status, error = "failed", _as_error(exc, run.id)
-        try:
-            await self._finish(run, status=status, error=error, usage=usage, prompt_estimate=prompt_estimate)
-        except Exception as exc:
-            # The terminal state could not be committed (not an outage: _persist waits those out). Left
-            # as it was, the run would stay here for good: readers pinged forever, the lock and the
-            # heartbeat renewed forever. It leaves instead: the heartbeat stops, so the reaper fails the
-            # generation and frees the user; the readers get an error and `done`.
-            log.error("generation could not be finished", generation_id=run.id, error=type(exc).__name__)
-            self._abandon(run)
-
-    def _abandon(self, run: Run) -> None:
-        if not run.finished:
-            self._emit(
-                run, {"type": "error", "code": "internal_error", "message": "The answer was not saved."}
-            )
-            self._emit(run, {"type": "done", "status": "failed"}, end=True)
-            run.finished = True
-        self.runs.pop(run.id, None)
+        self._flush(run)
+        await self._finish(run, _outcome(run, status, error, usage, prompt_estimate))
 
     async def _pump(self, run: Run, stream: Any, usage: list[Any]) -> None:
         """Read the provider; the hot path, so it does as little as it can per token."""
@@ -309,13 +264,24 @@ class Engine:
                     if item.text:
                         self._add_text(run, item.text)
                 elif type(item) is Finish:
-                    run.finish_reason = item.reason
+                    if run.stop_reason is None:  # the message bound's `length` stands
+                        run.finish_reason = item.reason
                 else:
                     usage.append(item)
         finally:
             await stream.aclose()  # closes the upstream request, also on cancel
 
     def _add_text(self, run: Run, text: str) -> None:
+        text = repair_text(text)  # what is streamed is what is stored (SPEC §7.3)
+        room = ASSISTANT_MAX_CHARS - run.chars
+        if len(text) >= room:
+            # The answer reached the message bound: it ends here, as if maxTokens were reached.
+            text = text[:room]
+            run.finish_reason = "length"
+            run.stop("length")
+            if not text:
+                return
+        run.chars += len(text)
         loop_now = time.monotonic()
         run.last_activity = loop_now
         run.first_token = True
@@ -325,7 +291,7 @@ class Engine:
             return
         if loop_now - run.last_emit >= COALESCE_S:
             run.last_emit = loop_now
-            self._emit(run, {"type": "delta", "delta": text})
+            self._emit(run, buffer.delta(text))
         else:
             run.pending.append(text)
             asyncio.get_running_loop().call_later(COALESCE_S, self._flush, run)
@@ -335,61 +301,31 @@ class Engine:
             text = "".join(run.pending)
             run.pending.clear()
             run.last_emit = time.monotonic()
-            self._emit(run, {"type": "delta", "delta": text})
+            self._emit(run, buffer.delta(text))
 
-    def _emit(self, run: Run, data: dict[str, Any], *, end: bool = False) -> None:
+    def _emit(self, run: Run, event: buffer.Event, *, end: bool = False) -> None:
         number = len(run.frames) + 1
-        frame = encode_event(number, data)
+        frame = encode_event(number, event)
         run.frames.append(frame)
-        self._outbox.append((run.id, number, frame, end))
-        self._outbox_ready.set()
-        if end:
-            self._outbox_end.set()
+        assert self._buffer is not None
+        self._buffer.append(run.id, run.frames, end=end)
         _wake(run)
 
-    async def _finish(
-        self,
-        run: Run,
-        *,
-        status: str,
-        error: MiniChatError | None,
-        usage: list[Any],
-        prompt_estimate: int,
-    ) -> None:
-        self._flush(run)
-        if error is not None:
-            self._emit(run, {"type": "error", "code": error.code, "message": error.message})
-        text = "".join(run.parts)
-        if usage and status == "succeeded":
-            input_tokens, output_tokens, estimated = usage[-1].input_tokens, usage[-1].output_tokens, False
-        elif usage:
-            # Cut short after the provider counted: keep its input count, estimate what was produced.
-            input_tokens, output_tokens, estimated = usage[-1].input_tokens, estimate_tokens(text), True
-        else:
-            input_tokens, output_tokens, estimated = prompt_estimate, estimate_tokens(text), True
-        final = await self._persist(
-            run,
-            status=status,
-            text=text,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            estimated=estimated,
-            error=error,
-        )
-        with contextlib.suppress(RedisError):
-            await limits.release_inflight_async(
-                self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
-            )
-        self._emit(
-            run,
-            {
-                "type": "usage",
-                "inputTokens": final["input_tokens"],
-                "outputTokens": final["output_tokens"],
-                "estimated": final["usage_estimated"],
-            },
-        )
-        self._emit(run, {"type": "done", "status": final["status"]}, end=True)
+    async def _finish(self, run: Run, outcome: Outcome) -> None:
+        """Commit the end, free the lock, then close the sequence (`done` only after the commit)."""
+        final = await self._commit(run, outcome)
+        if final is None:
+            self._abandon(run)
+            return
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(_RELEASE_WAIT_S):
+                await limits.release_inflight_async(
+                    self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
+                )
+        events = buffer.closing_events(final)
+        for event in events[:-1]:
+            self._emit(run, event)
+        self._emit(run, events[-1], end=True)
         run.finished = True
         self.runs.pop(run.id, None)
         log.info(
@@ -400,32 +336,46 @@ class Engine:
             events=len(run.frames),
         )
 
-    async def _persist(
-        self,
-        run: Run,
-        *,
-        status: str,
-        text: str,
-        input_tokens: int,
-        output_tokens: int,
-        estimated: bool,
-        error: MiniChatError | None,
-    ) -> dict[str, Any]:
+    async def _commit(self, run: Run, outcome: Outcome) -> dict[str, Any] | None:
+        """The terminal transaction; the row as committed, or None when nothing could be committed.
+
+        A failure that is not an outage (an answer the database refuses, a bug) still ends the
+        generation: `failed` with internal_error, counted, without the answer.
+        """
+        try:
+            return await self._persist(run, outcome)
+        except ServiceUnavailable:
+            pass  # the database stayed away: the reaper ends it later, with the buffered text
+        except Exception as exc:
+            log.error("the answer could not be saved", generation_id=run.id, error=type(exc).__name__)
+            fallback = Outcome.failed(
+                _SAVE_FAILED,
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                estimated=outcome.estimated,
+            )
+            try:
+                return await self._persist(run, fallback)
+            except Exception as exc:
+                log.error("generation could not be ended", generation_id=run.id, error=type(exc).__name__)
+        return None
+
+    def _abandon(self, run: Run) -> None:
+        """Nothing was committed: the run leaves without `done` (never sent while the row is in flight).
+        Its heartbeat stops, so the reaper ends the generation with the buffered text, frees the user and
+        closes the sequence; readers here end and, reconnecting, follow the buffer to that end."""
+        run.finished = True
+        _wake(run)
+        self.runs.pop(run.id, None)
+
+    async def _persist(self, run: Run, outcome: Outcome) -> dict[str, Any]:
         """Commit the terminal state; retried while the database is away (`done` waits for it)."""
         delay = 0.2
         deadline = time.monotonic() + 300
         while True:
             try:
                 return await self._in_thread(
-                    generations.persist_terminal,
-                    generation_id=run.id,
-                    status=status,
-                    text=text,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    estimated=estimated,
-                    error_code=error.code if error else None,
-                    error_message=error.message if error else None,
+                    generations.persist_terminal, generation_id=run.id, outcome=outcome
                 )
             except ServiceUnavailable:
                 if time.monotonic() > deadline:
@@ -435,30 +385,6 @@ class Engine:
                 delay = min(delay * 2, 5.0)
 
     # --- background tasks -----------------------------------------------------------------------
-
-    async def _write_buffers(self) -> None:
-        """Send buffered events to the Redis Streams in batched pipelines, in order."""
-        ttl = self.settings.stream_buffer_ttl
-        while True:
-            await self._outbox_ready.wait()
-            if not self._outbox_end.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_WRITE_BATCH_S):
-                        await self._outbox_end.wait()
-            self._outbox_ready.clear()
-            self._outbox_end.clear()
-            batch, self._outbox = self._outbox, []
-            for start in range(0, len(batch), _WRITE_MAX_EVENTS):
-                part = batch[start : start + _WRITE_MAX_EVENTS]
-                keys: list[str] = []
-                args: list[Any] = [ttl]
-                for generation_id, number, frame, end in part:
-                    keys.append(events_key(generation_id))
-                    args += (f"0-{number}", "e" if end else "s" if number == 1 else "", frame)
-                try:
-                    await self._append_events(keys=keys, args=args)
-                except (RedisError, OSError) as exc:
-                    log.warning("event buffer write failed", events=len(part), error=type(exc).__name__)
 
     async def _listen_for_cancels(self) -> None:
         """Cancel requests arrive over pub/sub; reconnect with backoff when Redis goes away."""
@@ -482,9 +408,7 @@ class Engine:
                 delay = min(delay * 2, 5.0)
 
     async def _supervise(self) -> None:
-        """Idle timeouts and readers' heartbeats every tick; lock renewal, the database heartbeat and a
-        cancel-flag poll every few seconds."""
-        last_renew = 0.0
+        """Idle timeouts and readers' pings, every tick; never waits on I/O."""
         while True:
             await asyncio.sleep(_SUPERVISE_S)
             now = time.monotonic()
@@ -498,14 +422,26 @@ class Engine:
                     run.stop("timeout")
                 if now - run.last_wake >= HEARTBEAT_S - 2 * _SUPERVISE_S:
                     _wake(run)  # its readers find nothing new and send a ping
-            if now - last_renew >= _RENEW_EVERY_S and self.runs:
-                last_renew = now
-                try:
-                    await self._renew(list(self.runs.values()))
-                except (RedisError, OSError, ServiceUnavailable) as exc:
-                    log.warning("heartbeat renewal failed", error=type(exc).__name__)
 
-    async def _renew(self, runs: list[Run]) -> None:
+    async def _keep_alive(self) -> None:
+        """Every few seconds: the database heartbeat first, on its own (a Redis outage must never get a
+        live run reaped), then the locks' renewal and a cancel-flag poll, bounded in time."""
+        while True:
+            await asyncio.sleep(_RENEW_EVERY_S)
+            runs = list(self.runs.values())
+            if not runs:
+                continue
+            try:
+                await self._in_thread(generations.heartbeat, generation_ids=[r.id for r in runs])
+            except ServiceUnavailable as exc:
+                log.warning("database heartbeat failed", error=type(exc).__name__)
+            try:
+                async with asyncio.timeout(_RENEW_EVERY_S):
+                    await self._renew_locks(runs)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("lock renewal failed", error=type(exc).__name__)
+
+    async def _renew_locks(self, runs: list[Run]) -> None:
         flags = await self.redis.mget([generations.cancel_key(r.id) for r in runs])
         for run, flag in zip(runs, flags, strict=True):
             if flag is not None:
@@ -513,7 +449,6 @@ class Engine:
             await limits.renew_inflight_async(
                 self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
             )
-        await self._in_thread(generations.heartbeat, generation_ids=[r.id for r in runs])
 
     # --- readers ------------------------------------------------------------------------------------
 
@@ -525,96 +460,60 @@ class Engine:
         return self._follow_buffer(opened.row, after)
 
     async def _follow_buffer(self, row: dict[str, Any], after: int) -> AsyncIterator[bytes]:
-        """Follow a run in another process (or a finished one) through its Redis Stream."""
+        """Follow a run in another process (or a finished one) through its event buffer."""
         assert self._readers is not None
         generation_id = str(row["id"])
-        key = events_key(generation_id)
+        key = buffer.key(generation_id)
         last = after
         if row["status"] not in generations.TERMINAL:
+            sent = time.monotonic()
             while not self._closing:
+                # Block only until a ping is due: the reader hears from us at least every HEARTBEAT_S,
+                # whatever the status check after a ping costs.
+                wait_s = max(_PING_DUE_S - (time.monotonic() - sent), 0.05)
                 try:
                     reply: Any = await self._readers.xread(
-                        {key: f"0-{last}"}, count=1000, block=int(HEARTBEAT_S * 1000)
+                        {key: f"0-{last}"}, count=1000, block=int(wait_s * 1000)
                     )
                 except (RedisError, OSError) as exc:
                     raise ServiceUnavailable("The event buffer is unavailable.") from exc
                 if reply:
-                    chunk, last, ended = _entries(reply[0][1], last)
-                    yield chunk
+                    chunk, last, ended = buffer.entries(reply[0][1], last)
+                    if chunk:
+                        yield chunk
+                        sent = time.monotonic()
                     if ended:
                         return
                     continue
                 yield _PING
-                if (
-                    await self._in_thread(generations.status_of, generation_id=generation_id)
-                    in generations.TERMINAL
-                ):
+                sent = time.monotonic()
+                status = await self._in_thread(generations.status_of, generation_id=generation_id)
+                if status is None or status in generations.TERMINAL:
                     break
             else:
                 return
         # Terminal: the rest of the buffer, in one read.
         try:
-            entries: Any = await self.redis.xrange(key, min=f"0-{last + 1}")
-            exists = bool(entries) or bool(await self.redis.exists(key))
+            items: Any = await self.redis.xrange(key, min=f"0-{last + 1}")
+            exists = bool(items) or bool(await self.redis.exists(key))
         except (RedisError, OSError):
-            entries, exists = [], False
+            items, exists = [], False
         if not exists:
-            yield await self._rebuild(generation_id)  # expired: rebuilt whole, numbered from 1
+            # Expired: rebuilt whole from the database, numbered from 1.
+            row, text = await self._in_thread(generations.final_state, generation_id=generation_id)
+            yield buffer.rebuilt(row, text)
             return
-        chunk, last, ended = _entries(entries, last)
-        if not ended and not entries:
+        chunk, last, ended = buffer.entries(items, last)
+        if not ended and not items:
             with contextlib.suppress(RedisError, OSError):  # resumed after the end: was `done` buffered?
                 tail: Any = await self.redis.xrevrange(key, count=1)
                 ended = bool(tail) and b"e" in tail[0][1]
         if not ended:
             # Ended by someone else (the reaper, a chat deletion): finish the sequence from the database.
             row, _ = await self._in_thread(generations.final_state, generation_id=generation_id)
-            chunk += b"".join(_closing_frames(row, first=last + 1))
+            chunk += buffer.rebuilt(row, "", first=last + 1)
         if chunk:
             yield chunk
-
-    async def _rebuild(self, generation_id: str) -> bytes:
-        """After the buffer expired: the whole text as one delta, usage and done, numbered from 1."""
-        row, text = await self._in_thread(generations.final_state, generation_id=generation_id)
-        frames = [encode_event(1, {"type": "delta", "delta": text})] if text else []
-        return b"".join(frames + _closing_frames(row, first=len(frames) + 1))
-
-
-def _entries(entries: Any, last: int) -> tuple[bytes, int, bool]:
-    """Frames of Redis Stream entries: (joined frames, last event number, whether `done` was among them)."""
-    chunks: list[bytes] = []
-    ended = False
-    for entry_id, fields in entries:
-        number = int(entry_id.split(b"-")[1])
-        if number <= last:
-            continue
-        last = number
-        chunks.append(fields[b"f"])
-        ended = ended or b"e" in fields
-    return b"".join(chunks), last, ended
-
-
-def _closing_frames(row: dict[str, Any], *, first: int) -> list[bytes]:
-    """error (for a failed one), usage and done from the database's terminal record."""
-    frames = []
-    number = first
-    if row["status"] == "failed":
-        error = {
-            "type": "error",
-            "code": row["error_code"] or "internal_error",
-            "message": row["error_message"] or "",
-        }
-        frames.append(encode_event(number, error))
-        number += 1
-    usage = {
-        "type": "usage",
-        "inputTokens": row["input_tokens"],
-        "outputTokens": row["output_tokens"],
-        "estimated": row["usage_estimated"],
-    }
-    frames.append(encode_event(number, usage))
-    frames.append(encode_event(number + 1, {"type": "done", "status": row["status"]}))
-    return frames
 
 
 def _wake(run: Run) -> None:
@@ -647,6 +546,8 @@ def _stopped(reason: str | None, settings: Settings) -> tuple[str, MiniChatError
         return "failed", ProviderTimeout(f"The model sent nothing for {settings.provider_idle_timeout:g} s.")
     if reason == "shutdown":
         return "failed", WorkerLost("The server stopped while generating.")
+    if reason == "length":
+        return "succeeded", None
     return "canceled", None
 
 
@@ -657,3 +558,22 @@ def _as_error(exc: BaseException, generation_id: str) -> MiniChatError:
         return exc
     log.error("generation failed unexpectedly", generation_id=generation_id, error=type(exc).__name__)
     return ProviderError("The generation failed unexpectedly.")
+
+
+def _outcome(
+    run: Run, status: str, error: MiniChatError | None, usage: list[Any], prompt_estimate: int
+) -> Outcome:
+    """The run's end as the terminal transaction writes it."""
+    text = "".join(run.parts)
+    if usage and status == "succeeded":
+        input_tokens, output_tokens, estimated = usage[-1].input_tokens, usage[-1].output_tokens, False
+    elif usage:
+        # Cut short after the provider counted: keep its input count, estimate what was produced.
+        input_tokens, output_tokens, estimated = usage[-1].input_tokens, estimate_tokens(text), True
+    else:
+        input_tokens, output_tokens, estimated = prompt_estimate, estimate_tokens(text), True
+    counts = {"input_tokens": input_tokens, "output_tokens": output_tokens, "estimated": estimated}
+    if error is not None:
+        return Outcome.failed(error, text=text, **counts)
+    finish_reason = (run.finish_reason or "stop") if status == "succeeded" else None
+    return Outcome(status=status, text=text, finish_reason=finish_reason, **counts)

@@ -31,8 +31,10 @@ __all__ = [
     "UUID_PATTERN",
     "WHITESPACE",
     "Body",
+    "FieldRule",
     "Number",
     "Text",
+    "Uuid",
     "cursor_pattern",
     "decode_cursor",
     "email_field",
@@ -260,23 +262,90 @@ class Number:
 
 
 @dataclass(frozen=True)
+class Uuid:
+    """A field holding an id (a UUID, read in lower case)."""
+
+    description: str = ""
+
+    def read(self, body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+        value = body.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not _UUID.fullmatch(value):
+            raise ValidationError(f"Field '{name}' must be an id (a UUID).", field=name)
+        return value.lower()
+
+    def json_schema(self, *, nullable: bool) -> dict[str, Any]:
+        schema: dict[str, Any] = {
+            "type": ["string", "null"] if nullable else "string",
+            "format": "uuid",
+            "pattern": UUID_PATTERN,
+        }
+        if self.description:
+            schema["description"] = self.description
+        return schema
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """When `field` is given: each of `needs` must be given too, and none of `excludes`."""
+
+    field: str
+    needs: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        if values[self.field] is None:
+            return
+        for name in self.excludes:
+            if values[name] is not None:
+                raise ValidationError(f"Field '{self.field}' cannot be sent with '{name}'.", field=self.field)
+        for name in self.needs:
+            if values[name] is None:
+                raise ValidationError(f"Field '{name}' is required with '{self.field}'.", field=name)
+
+    def json_schema(self) -> dict[str, Any]:
+        given = {name: _NOT_NULL for name in self.needs} | {name: _NULL for name in self.excludes}
+        return {
+            "anyOf": [
+                {"properties": {self.field: _NULL}},
+                {"required": list(self.needs), "properties": given} if self.needs else {"properties": given},
+            ]
+        }
+
+
+_NULL: dict[str, Any] = {"type": "null"}
+_NOT_NULL: dict[str, Any] = {"not": _NULL}
+
+
+@dataclass(frozen=True)
 class Body:
     """A request body: a JSON object with exactly these fields (unknown ones are refused).
 
     An optional field may be null, which reads as absent; `may_be_empty` takes no body at all as `{}`.
+    `at_least_one`: fields of which one must be given (an error names the first); `rules`: what given
+    fields need or exclude.
     """
 
-    fields: Mapping[str, Text | Number]
+    fields: Mapping[str, Text | Number | Uuid]
     required: frozenset[str] = field(default_factory=frozenset)
     may_be_empty: bool = False
+    at_least_one: tuple[str, ...] = ()
+    rules: tuple[FieldRule, ...] = ()
 
     def read(self, raw: bytes | str | None) -> dict[str, Any]:
         """The body's fields (None for those absent), or the first error in it."""
         body = parse_json_object(raw, allow_empty=self.may_be_empty)
         require_fields(body, allowed=self.fields.keys(), required=self.required)
-        return {
+        values = {
             name: spec.read(body, name, required=name in self.required) for name, spec in self.fields.items()
         }
+        if self.at_least_one and all(values[name] is None for name in self.at_least_one):
+            listing = ", ".join(f"'{name}'" for name in self.at_least_one)
+            raise ValidationError(f"At least one of {listing} is required.", field=self.at_least_one[0])
+        for rule in self.rules:
+            rule.check(values)
+        return values
 
     def json_schema(self) -> dict[str, Any]:
         schema: dict[str, Any] = {
@@ -289,6 +358,18 @@ class Body:
         }
         if self.required:
             schema["required"] = sorted(self.required)
+        constraints = [rule.json_schema() for rule in self.rules]
+        if self.at_least_one:
+            constraints.insert(
+                0,
+                {
+                    "anyOf": [
+                        {"required": [name], "properties": {name: _NOT_NULL}} for name in self.at_least_one
+                    ]
+                },
+            )
+        if constraints:
+            schema["allOf"] = constraints
         return schema
 
 

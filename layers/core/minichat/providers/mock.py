@@ -7,7 +7,14 @@ import re
 from collections.abc import AsyncGenerator
 
 from minichat.errors import ProviderError
-from minichat.providers.base import Delta, ProviderRequest, StreamItem, Usage, estimate_prompt_tokens
+from minichat.providers.base import (
+    Delta,
+    Finish,
+    ProviderRequest,
+    StreamItem,
+    Usage,
+    estimate_prompt_tokens,
+)
 
 __all__ = ["MOCK_MODELS", "MockProvider", "split_words"]
 
@@ -57,6 +64,10 @@ class MockProvider:
             words = words[:1]
         elif model == "mock-error":
             words = words[:_ERROR_AFTER_WORDS]
+        # A word is a token here: maxTokens cuts the echo as it would cut a model's answer.
+        cut = request.max_tokens is not None and len(words) > request.max_tokens
+        if cut:
+            words = words[: request.max_tokens]
 
         for index, word in enumerate(words):
             if model == "mock-slow" and index:
@@ -70,4 +81,5 @@ class MockProvider:
                 await asyncio.sleep(self._stall_tick)
         if model == "mock-error":
             raise ProviderError(f"mock-error failed after {len(words)} words")
+        yield Finish("length" if cut else "stop")
         yield Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=len(words))

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from minichat.errors import ProviderError, ProviderTimeout
-from minichat.providers.base import Delta, ProviderRequest, StreamItem, Usage
+from minichat.providers.base import Delta, Finish, ProviderRequest, StreamItem, Usage
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -22,6 +22,8 @@ Transport = Literal["aiohttp", "httpx"]
 _NO_KEY = "no-key"
 # How long the body may take to end after [DONE] before the connection is dropped instead of reused.
 _DRAIN_SECONDS = 1.0
+# OpenAI's finish_reason values that the contract names; the others (content_filter, tool_calls) stay null.
+_FINISH = {"stop": Finish("stop"), "length": Finish("length")}
 
 
 class OpenAIProvider:
@@ -101,7 +103,7 @@ class OpenAIProvider:
             await client.close()
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
-        """Deltas as the model writes them, then the provider's exact Usage."""
+        """Deltas as the model writes them, the Finish reason, then the provider's exact Usage."""
         import httpx2  # the openai client's HTTP layer, loaded with it: here for its exception classes
         import openai
 
@@ -170,10 +172,14 @@ class OpenAIProvider:
                             chunk = loads(payload)
                             choices = chunk.get("choices")
                             if choices:
-                                text = (choices[0].get("delta") or {}).get("content")
+                                choice = choices[0]
+                                text = (choice.get("delta") or {}).get("content")
                                 if text and isinstance(text, str):
                                     started = True
                                     yield Delta(text)
+                                reason = choice.get("finish_reason")
+                                if reason and reason in _FINISH:
+                                    yield _FINISH[reason]
                             # Usage comes in its own chunk (OpenAI), on the last content chunk or, running
                             # totals, on every chunk (some compatible servers): the last one counts.
                             reported = chunk.get("usage")
