@@ -17,7 +17,7 @@ from typing import Any
 from psycopg.rows import tuple_row
 
 from minichat import db, events
-from minichat.errors import NotFound
+from minichat.errors import NotFound, ValidationError
 from minichat.serialize import chat_out, message_out
 from minichat.validate import decode_cursor, encode_cursor
 
