@@ -7,30 +7,17 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import pytest
 import redis.asyncio
 
 from helpers import Account, Api, EventStream, assert_error
 from minichat import accounts, limits
-from minichat.config import get_settings, set_settings
+from minichat.config import get_settings
 
 LONG = " ".join(f"w{i}" for i in range(150))  # mock-slow: 200 ms a word, half a minute in all
-
-
-@pytest.fixture
-def settings_with() -> Iterator[Any]:
-    original = get_settings()
-
-    def apply(**changes: Any) -> None:
-        set_settings(original.with_(**changes))
-
-    yield apply
-    set_settings(original)
 
 
 def _start(api: Api, user: Account, content: str, model: str = "mock-echo") -> dict[str, Any]:
