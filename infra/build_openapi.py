@@ -94,7 +94,7 @@ one delta, usage and done, numbered from 1, and `Last-Event-ID` is ignored.
 
 
 def build() -> dict[str, Any]:
-    from minichat import errors, validate
+    from minichat import chats, errors, validate
     from minichat_local.functions import load_function
 
     api = load_function("api")
@@ -112,6 +112,7 @@ def build() -> dict[str, Any]:
         # --- requests
         "Credentials": body_schema(api.CREDENTIALS),
         "RefreshTokenRequest": body_schema(api.REFRESH_TOKEN),
+        "AccountDeletion": body_schema(api.ACCOUNT_DELETION),
         "ChatCreate": body_schema(api.NEW_CHAT),
         "ChatUpdate": body_schema(api.CHAT_UPDATE),
         "MessageCreate": body_schema(api.NEW_MESSAGE),
@@ -459,8 +460,16 @@ def build() -> dict[str, Any]:
         "Cursor": {
             "name": "cursor",
             "in": "query",
-            "description": "The `nextCursor` of the previous page (opaque; anything else is `400`).",
-            "schema": {"type": "string"},
+            "description": "The `nextCursor` of the previous page (opaque; empty: the first page). Any value "
+            "of this shape names a position in the list; anything else is `400`.",
+            "schema": {"type": "string", "pattern": validate.cursor_pattern(chats.MESSAGES_CURSOR_SIZE)},
+        },
+        "ChatsCursor": {
+            "name": "cursor",
+            "in": "query",
+            "description": "The `nextCursor` of the previous page (opaque; empty: the first page). Any value "
+            "of this shape names a position in the list; anything else is `400`.",
+            "schema": {"type": "string", "pattern": validate.cursor_pattern(chats.CHATS_CURSOR_SIZE)},
         },
         "IdempotencyKey": {
             "name": "Idempotency-Key",
@@ -478,7 +487,9 @@ def build() -> dict[str, Any]:
         "From": {
             "name": "from",
             "in": "query",
-            "description": "First UTC day (default: 29 days before `to`). At most 366 days, not after `to`.",
+            "description": "First UTC day (default: 29 days before `to`). A reply covers at most 366 days: "
+            "an earlier `from` reads as 365 days before `to`. A `from` after `to` is an empty range (no "
+            "days, zero totals).",
             "schema": {"type": "string", "format": "date"},
         },
         "To": {
@@ -587,7 +598,9 @@ def build() -> dict[str, Any]:
                     "429": r("RateLimited"),
                     "503": r("ServiceUnavailable"),
                 },
-                description="Limited per email and per client IP before the password hash is computed.",
+                description="Every attempt counts per client IP, failed ones per email and client IP "
+                "(failures from other addresses never refuse the owner's login); both are checked before the "
+                "password hash is computed.",
                 body="Credentials",
                 security=public,
             )
@@ -630,7 +643,26 @@ def build() -> dict[str, Any]:
                 "The signed-in user",
                 "auth",
                 {**ok("200", "The user", ref("User"), extra_headers=rate_headers), **authed},
-            )
+            ),
+            "delete": operation(
+                "deleteAccount",
+                "Delete the account",
+                "auth",
+                {
+                    "204": limited("Deleted", None),
+                    **with_body,
+                    **authed,
+                    "401": error(
+                        "Missing, malformed, expired or forged access token, or the wrong password",
+                        ["unauthorized", "invalid_token", "invalid_credentials"],
+                    ),
+                },
+                description="Needs the account's password. A running generation is ended first; the "
+                "user's chats, messages, generations and tokens are deleted; usage and audit records stay, "
+                "keyed by the id alone. Afterwards every token of the account answers `401 invalid_token`. "
+                "Wrong passwords are limited like failed logins.",
+                body="AccountDeletion",
+            ),
         },
         "/api/chats": {
             "get": operation(
@@ -638,7 +670,7 @@ def build() -> dict[str, Any]:
                 "The user's chats",
                 "chats",
                 {"200": limited("A page of chats", ref("ChatList")), "400": r("BadQuery"), **authed},
-                params=["Limit", "Cursor"],
+                params=["Limit", "ChatsCursor"],
             ),
             "post": operation(
                 "createChat",

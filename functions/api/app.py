@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import redis
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from minichat import auth, chats, db, generations, health, idempotency, limits, usage
+from minichat import accounts, auth, chats, db, generations, health, idempotency, limits, usage
 from minichat.config import get_settings
 from minichat.errors import (
     InternalError,
+    InvalidCredentials,
+    InvalidToken,
     MethodNotAllowed,
     MiniChatError,
     PayloadTooLarge,
@@ -153,46 +156,77 @@ def _run_idempotent(view: Callable[..., Any], params: dict[str, str], status: in
     fingerprint = idempotency.fingerprint(
         method=request.method, path=request.context.get("path", request.path), body=request.raw_body or b""
     )
-    replay = idempotency.claim(user_id=user_id, key=key, request_hash=fingerprint)
-    if replay is not None:
+    claim = idempotency.claim(user_id=user_id, key=key, request_hash=fingerprint)
+    if isinstance(claim, idempotency.Replay):
         return Response(
-            body=replay.body, status_code=replay.status, headers={**_JSON, "Idempotent-Replayed": "true"}
+            body=claim.body, status_code=claim.status, headers={**_JSON, "Idempotent-Replayed": "true"}
         )
     try:
         response = _run(view, params, status)
     except BaseException:
-        idempotency.release(user_id=user_id, key=key)  # nothing was created: the key may be used again
+        idempotency.release(claim)  # nothing was created: the key may be used again
         raise
-    idempotency.store(user_id=user_id, key=key, status=response.status_code, body=response.body)
+    idempotency.store(claim, status=response.status_code, body=response.body)
     return response
 
 
 _parsed_rates: dict[str, limits.Rate | None] = {}
 
 
-def _limit(bucket: str, key: str, rate_text: str, *, fail_closed: bool = False) -> None:
+def _limit(
+    bucket: str,
+    key: str,
+    rate_text: str,
+    *,
+    fail_closed: bool = False,
+    peek: bool = False,
+    account: str | None = None,
+) -> None:
     """Count this request against `bucket` for `key`; RateLimited (429) when over.
 
-    When Redis is down the limit cannot be checked: reads and auth go on (fail open), while
-    `fail_closed` callers (generation creates) answer 503.
+    `peek`: check without counting. `account`: also refuse the token (InvalidToken) when that user's
+    account was deleted, in the same Redis call. When Redis is down the limit cannot be checked: reads
+    and auth go on (fail open), while `fail_closed` callers (generation creates) answer 503.
     """
     if rate_text not in _parsed_rates:
         _parsed_rates[rate_text] = limits.Rate.parse(rate_text, name=bucket)
     rate = _parsed_rates[rate_text]
-    if rate is None:
+    if rate is None and account is None:
         return
     try:
-        decision = limits.hit(bucket=bucket, key=key, rate=rate)
+        decision = limits.hit(
+            bucket=bucket,
+            key=key,
+            rate=rate,
+            peek=peek,
+            unless_exists=accounts.deleted_key(account) if account else None,
+        )
     except redis.RedisError as exc:
         if fail_closed:
             raise ServiceUnavailable("Rate limits cannot be checked right now; retry shortly.") from exc
         log.warning("rate limit skipped: redis unavailable", bucket=bucket)
+        return
+    if decision.gone:
+        raise InvalidToken("This account no longer exists.")
+    if rate is None:
         return
     counted = _rate_headers.get()
     if counted is None or decision.remaining <= counted[0]:
         _rate_headers.set((decision.remaining, decision.headers()))
     if not decision.allowed:
         raise RateLimited(decision.retry_after_s)
+
+
+@contextlib.contextmanager
+def _failures_limited(bucket: str, key: str) -> Iterator[None]:
+    """Refuse (429) once `key` has failed its password too often; count the failure if this one does."""
+    rate = get_settings().rate_login_email
+    _limit(bucket, key, rate, peek=True)
+    try:
+        yield
+    except InvalidCredentials:
+        _limit(bucket, key, rate)
+        raise
 
 
 def _request() -> Request:
@@ -210,9 +244,9 @@ TITLE = Text(
     description="Surrounding whitespace is removed before it is stored.",
 )
 CONTENT = Text(min_len=1, max_len=32_000, blank=False)
-CREDENTIALS = Body(
-    {"email": EMAIL, "password": Text(min_len=8, max_len=128)}, required=frozenset({"email", "password"})
-)
+PASSWORD = Text(min_len=8, max_len=128)
+CREDENTIALS = Body({"email": EMAIL, "password": PASSWORD}, required=frozenset({"email", "password"}))
+ACCOUNT_DELETION = Body({"password": PASSWORD}, required=frozenset({"password"}))
 REFRESH_TOKEN = Body({"refreshToken": Text(min_len=1, max_len=512)}, required=frozenset({"refreshToken"}))
 NEW_CHAT = Body({"title": TITLE}, may_be_empty=True)
 CHAT_UPDATE = Body(
@@ -265,7 +299,7 @@ def _read(spec: Body) -> dict[str, Any]:
 def _user_id() -> str:
     user_id = auth.authenticate(_request().headers.get("authorization")).user_id
     if _rate_headers.get() is None:  # once per request, however many helpers ask
-        _limit("api", user_id, get_settings().rate_api)
+        _limit("api", user_id, get_settings().rate_api, account=user_id)
     return user_id
 
 
@@ -301,11 +335,13 @@ def register() -> dict[str, Any]:
 @route("/api/auth/login", methods=["POST"])
 def login() -> dict[str, Any]:
     email, password = _credentials()
-    # Both limits before the password hash is computed: a flood costs us nothing but a Redis call.
-    settings = get_settings()
-    _limit("auth-ip", _client_ip(), settings.rate_login_ip)
-    _limit("login-email", email.lower(), settings.rate_login_email)
-    return auth.login(email=email, password=password)
+    # Every attempt counts per client IP; failures count per (email, client IP), so that wrong passwords
+    # typed elsewhere for someone's email never lock its owner out. Both are checked before the password
+    # hash is computed: a flood costs us nothing but Redis calls.
+    client_ip = _client_ip()
+    _limit("auth-ip", client_ip, get_settings().rate_login_ip)
+    with _failures_limited("login-failures", f"{email.lower()}|{client_ip}"):
+        return auth.login(email=email, password=password)
 
 
 @route("/api/auth/refresh", methods=["POST"])
@@ -323,6 +359,17 @@ def logout() -> Response:
 @route("/api/auth/me", methods=["GET"])
 def me() -> dict[str, Any]:
     return auth.me(_user_id())
+
+
+@route("/api/auth/me", methods=["DELETE"])
+def delete_me() -> Response:
+    user_id = _user_id()
+    password: str = _read(ACCOUNT_DELETION)["password"]
+    # Wrong passwords count like failed logins (per account and client IP): a stolen access token is no
+    # way to guess the password.
+    with _failures_limited("account-password-failures", f"{user_id}|{_client_ip()}"):
+        accounts.delete_account(user_id=user_id, password=password)
+    return _no_content()
 
 
 # --- chats and messages -----------------------------------------------------------------------

@@ -6,20 +6,23 @@ in local mode the same app is mounted on the one origin.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from minichat import auth
+from minichat import accounts, auth, limits
 from minichat.config import get_settings
-from minichat.errors import InvalidToken, MethodNotAllowed, MiniChatError, NotFound
+from minichat.errors import InvalidToken, MethodNotAllowed, MiniChatError, NotFound, RateLimited
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.serialize import utcnow
 from minichat.streaming import Engine
@@ -29,6 +32,9 @@ setup_logging(get_settings().log_level)
 log = get_logger("minichat.stream")
 _STREAM_PATH = re.compile(r"^/api/generations/[^/]+/stream/?$")
 _TICKET_GRACE_S = 600  # a ticket keeps working 10 minutes after its generation ends
+_SLOT_RETRY_AFTER_S = 5  # a user's connections come and go: try again soon
+_RENEW_SLOT_S = limits.STREAM_LEASE_MS / 3000  # pings come every 15 s at least, so leases never lapse
+_releases: set[asyncio.Task[None]] = set()
 
 
 def _error(error: MiniChatError, request_id: str) -> JSONResponse:
@@ -64,19 +70,31 @@ async def stream(request: Request) -> Response:
             user_id = auth.verify_stream_ticket(ticket, generation_id=generation_id).user_id
         else:
             user_id = auth.authenticate(request.headers.get("authorization")).user_id
+        slot = await _take_slot(engine, user_id)
+    except MiniChatError as error:
+        return _error(error, request_id)
+    try:
         opened = await engine.open(generation_id=generation_id, user_id=user_id)
         finished_at = opened.row["finished_at"]
         if ticket and finished_at is not None and (utcnow() - finished_at).total_seconds() > _TICKET_GRACE_S:
             raise InvalidToken("The stream ticket has expired.")
     except MiniChatError as error:
+        _give_back(engine, user_id, slot)
         return _error(error, request_id)
 
     async def body() -> AsyncIterator[bytes]:
+        renewed = time.monotonic()
         try:
             async for chunk in engine.frames(opened, after=_last_event_id(request)):
                 yield chunk
+                if slot and time.monotonic() - renewed >= _RENEW_SLOT_S:
+                    renewed = time.monotonic()
+                    with contextlib.suppress(RedisError, OSError):
+                        await limits.renew_stream_async(engine.redis, user_id=user_id, connection_id=slot)
         except MiniChatError as error:  # headers are gone: the contract's error event, then stop
             log.warning("stream interrupted", generation_id=generation_id, code=error.code)
+        finally:
+            _give_back(engine, user_id, slot)
 
     return StreamingResponse(
         body(),
@@ -87,6 +105,47 @@ async def stream(request: Request) -> Response:
             "X-Request-Id": request_id,
         },
     )
+
+
+async def _take_slot(engine: Engine, user_id: str) -> str | None:
+    """One of the user's stream connections (SPEC §7.4: at most `max_streams_per_user` at once), or
+    RateLimited; InvalidToken once the account is deleted. None: Redis is down, the connection is not
+    counted (streams of generations already running keep working through a Redis outage)."""
+    slot = f"{random.getrandbits(128):032x}"  # unique, not secret (see _request_id)
+    try:
+        taken = await limits.open_stream_async(
+            engine.redis,
+            user_id=user_id,
+            connection_id=slot,
+            limit=get_settings().max_streams_per_user,
+            unless_exists=accounts.deleted_key(user_id),
+        )
+    except (RedisError, OSError) as exc:
+        log.warning("stream connections not counted: redis unavailable", error=type(exc).__name__)
+        return None
+    if taken == -1:
+        raise InvalidToken("This account no longer exists.")
+    if taken == 0:
+        raise RateLimited(_SLOT_RETRY_AFTER_S, "Too many open streams; close one or retry shortly.")
+    return slot
+
+
+def _give_back(engine: Engine, user_id: str, slot: str | None) -> None:
+    """Release the slot in a task of its own: the connection's task may be cancelled already (the client
+    went away), and it must not wait for Redis anyway."""
+    if slot is None:
+        return
+
+    async def release() -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await limits.close_stream_async(engine.redis, user_id=user_id, connection_id=slot)
+
+    try:
+        task = asyncio.get_running_loop().create_task(release())
+    except RuntimeError:  # finalized with no loop left (shutdown): the lease ends on its own
+        return
+    _releases.add(task)
+    task.add_done_callback(_releases.discard)
 
 
 async def ready(request: Request) -> Response:

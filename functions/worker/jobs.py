@@ -1,4 +1,4 @@
-"""Scheduled jobs of the worker function: the outbox sweep, the reaper, and migrations on deploy.
+"""Scheduled jobs of the worker function: the outbox sweep, the reaper, the purge, and migrations on deploy.
 
 Each is its own Lambda handler in this package (template.yaml points a schedule at it); local mode runs
 the same core functions on timers.
@@ -6,7 +6,7 @@ the same core functions on timers.
 
 from typing import Any
 
-from minichat import broker, events, reaper
+from minichat import broker, events, purge, reaper
 from minichat.config import get_settings
 from minichat.log import setup_logging
 from minichat.migrate import apply_migrations, ensure_database
@@ -30,6 +30,11 @@ def reaper_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if context is not None and hasattr(context, "get_remaining_time_in_millis"):
         window = min(window, context.get_remaining_time_in_millis() / 1000 - 10)
     return reaper.reap_window(window_s=max(window, 0.0)).as_dict()
+
+
+def purge_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Delete expired idempotency keys, week-old published outbox rows and dead refresh tokens."""
+    return purge.purge_handler(event, context)
 
 
 def migrate_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -44,6 +44,7 @@ ARTIFACTS = (
     "WorkerFunction",
     "RelayFunction",
     "ReaperFunction",
+    "PurgeFunction",
     "MigrateFunction",
 )
 # No telemetry, no AWS account: `sam build` needs neither.

@@ -80,6 +80,8 @@ class ChaliceBridge:
         # A copy of the context, as anyio.to_thread gives: a request's context variables (request id, rate
         # headers) never leak into the next request the same thread serves.
         context = contextvars.copy_context()
+        client = scope.get("client")
+        context.run(_source_ip.set, client[0] if client else None)
         threads = self._cancels if _CANCEL_ROUTE.match(scope["path"]) else self._executor
         response = await threads.run(context.run, self._handle, scope["method"], path, headers, body or None)
         if response is None:
@@ -94,9 +96,23 @@ class ChaliceBridge:
             return None  # API Gateway's "Missing Authentication Token": no such resource
 
 
+# The connection's peer address: API Gateway puts the client's address in the event's
+# requestContext.identity.sourceIp, where chalice.local writes a constant.
+_source_ip: contextvars.ContextVar[str | None] = contextvars.ContextVar("minichat_source_ip", default=None)
+
+
 class _Gateway(LocalGateway):
     """chalice.local's gateway, with the Lambda context's settings looked up once, not per request (the
-    config lookups cost more than building the event)."""
+    config lookups cost more than building the event), and the real peer address as `sourceIp`."""
+
+    def _generate_lambda_event(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> dict[str, Any]:
+        event: dict[str, Any] = super()._generate_lambda_event(method, path, headers, body)
+        source_ip = _source_ip.get()
+        if source_ip:
+            event["requestContext"]["identity"]["sourceIp"] = source_ip
+        return event
 
     def __init__(self, app: Chalice, config: Config) -> None:
         super().__init__(app, config)

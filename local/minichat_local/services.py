@@ -1,7 +1,8 @@
-"""Local mode's background services: the outbox relay, the reaper and the worker's RabbitMQ consumer.
+"""Local mode's background services: the outbox relay, the reaper, the purge and the worker's RabbitMQ
+consumer.
 
-On AWS these are schedules (relay, reaper) and the Amazon MQ event source mapping (the worker); here they
-are threads of the one local process.
+On AWS these are schedules (relay, reaper, purge) and the Amazon MQ event source mapping (the worker);
+here they are threads of the one local process.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import os
 import threading
 
-from minichat import events, reaper
+from minichat import events, purge, reaper
 from minichat_local.consumer import Consumer
 
 __all__ = ["Background"]
@@ -19,13 +20,14 @@ __all__ = ["Background"]
 class Background:
     """Start and stop the relay and reaper threads and the consumer together."""
 
-    def __init__(self, *, relay_interval: float = 1.0) -> None:
+    def __init__(self, *, relay_interval: float = 1.0, purge_interval: float = 3600.0) -> None:
         self._stop = threading.Event()
         self._wake = threading.Event()
         # Worker processes wake this process's relay through a pipe (one byte per commit with events).
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_w, False)
         self._relay_interval = relay_interval
+        self._purge_interval = purge_interval
         self._threads: list[threading.Thread] = []
         self.consumer = Consumer()
 
@@ -61,6 +63,13 @@ class Background:
             ),
             threading.Thread(
                 target=reaper.run_reaper, args=(self._stop,), name="minichat-reaper", daemon=True
+            ),
+            threading.Thread(
+                target=purge.run_purger,
+                args=(self._stop,),
+                kwargs={"interval": self._purge_interval},
+                name="minichat-purge",
+                daemon=True,
             ),
         ]
         for thread in self._threads:

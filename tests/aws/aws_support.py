@@ -19,6 +19,7 @@ FUNCTIONS = (
     "WorkerFunction",
     "RelayFunction",
     "ReaperFunction",
+    "PurgeFunction",
     "MigrateFunction",
 )
 # Environment for every tool run: no telemetry, no AWS account, no call out.

@@ -468,6 +468,11 @@ def test_reaper_handler_runs_on_its_schedule(start: Any, migrated: list[list[str
     assert isinstance(result, dict)
 
 
+def test_purge_handler_runs_on_its_schedule(start: Any, migrated: list[list[str]]) -> None:
+    result = start("PurgeFunction", "jobs.purge_handler").invoke(scheduled_event("purge"))
+    assert set(result) == {"idempotencyKeys", "outbox", "refreshTokens"}
+
+
 def drain(queue: str) -> list[Any]:
     """Every message of a queue (acknowledged), as the local consumer's Delivery objects."""
     from minichat_local.consumer import Delivery

@@ -20,6 +20,7 @@ from aws_support import ROOT, load_script, run_tool
 pytestmark = pytest.mark.slow
 
 STREAM_TIMEOUT_MS = 900_000
+NO_VALUE = {"Ref": "AWS::NoValue"}
 
 
 def _resources(translated: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
@@ -105,6 +106,7 @@ def _handler_exists(code_dir: str, handler: str) -> bool:
         ("WorkerFunction", "functions/worker", "handler.handler"),
         ("RelayFunction", "functions/worker", "jobs.relay_handler"),
         ("ReaperFunction", "functions/worker", "jobs.reaper_handler"),
+        ("PurgeFunction", "functions/worker", "jobs.purge_handler"),
         ("MigrateFunction", "functions/worker", "jobs.migrate_handler"),
     ],
 )
@@ -121,6 +123,14 @@ def test_stream_function_runs_behind_the_web_adapter(translated: dict[str, Any])
     assert (ROOT / "functions" / "stream" / "run.sh").stat().st_mode & 0o111
     assert function["Timeout"] == 900
     env = function["Environment"]["Variables"]
+    # SPEC §7.4: connections per user are limited, and the function's concurrency is reserved (and capped).
+    reserved = function["ReservedConcurrentExecutions"]
+    assert reserved == {
+        "Fn::If": ["ReservesStreamConcurrency", {"Ref": "StreamReservedConcurrency"}, NO_VALUE]
+    }
+    prod = tomllib.loads((ROOT / "samconfig.toml").read_text())["prod"]["deploy"]["parameters"]
+    assert "StreamReservedConcurrency=" in prod["parameter_overrides"]
+    assert env["MINICHAT_MAX_STREAMS_PER_USER"] == {"Ref": "MaxStreamsPerUser"}
     assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
     assert env["AWS_LWA_INVOKE_MODE"] == "response_stream"
     assert env["AWS_LWA_READINESS_CHECK_PATH"] == "/_ready"
@@ -231,6 +241,7 @@ def test_schedules_run_the_relay_and_the_reaper_every_minute(translated: dict[st
         for target in rule["Properties"]["Targets"]
     }
     by_function = {re.search(r'"(\w+Function)"', arn).group(1): expr for arn, expr in targets.items()}  # type: ignore[union-attr]
+    assert by_function.pop("PurgeFunction") == "rate(1 hour)"  # issue 11: expired keys, old rows
     assert by_function == {"RelayFunction": "rate(1 minute)", "ReaperFunction": "rate(1 minute)"}
 
 

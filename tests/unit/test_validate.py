@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from minichat.chats import title_from
 from minichat.errors import InvalidJson, NotFound, PayloadTooLarge, ValidationError
 from minichat.validate import (
+    cursor_pattern,
     decode_cursor,
     encode_cursor,
     number_field,
@@ -69,11 +72,24 @@ def test_limit_and_uuid() -> None:
 
 
 def test_cursor_round_trip_and_rejects() -> None:
-    assert decode_cursor(encode_cursor([42]), size=1) == [42]
-    assert decode_cursor(None, size=1) is None
-    for raw in ("%%%", encode_cursor([1, 2]), encode_cursor({"a": 1})):  # type: ignore[list-item]
+    for values in ([42], [-1], [2**63 - 1], [-(2**63)], [0, 2**62, -5]):
+        assert decode_cursor(encode_cursor(values), size=len(values)) == values
+    assert decode_cursor(None, size=1) is None and decode_cursor("", size=1) is None
+    for raw in ("%%%", encode_cursor([1, 2]), "WyJ4IiwieSJd", "A" * 10, "A" * 12, "A" * 10 + "="):
         with pytest.raises(ValidationError):
             decode_cursor(raw, size=1)
+
+
+def test_every_cursor_of_the_documented_shape_is_a_position() -> None:
+    """The OpenAPI pattern is the whole rule: anything matching it decodes, anything else is refused."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for size, length in ((1, 11), (3, 32)):
+        pattern = re.compile(cursor_pattern(size))
+        for i in range(200):
+            raw = "".join(alphabet[(i * 7 + j * 13) % 64] for j in range(length))
+            assert pattern.fullmatch(raw)
+            assert len(decode_cursor(raw, size=size) or []) == size
+        assert not pattern.fullmatch("A" * (length + 1)) and not pattern.fullmatch("A" * (length - 1))
 
 
 def test_title_from_first_message() -> None:

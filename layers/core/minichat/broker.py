@@ -21,10 +21,11 @@ from urllib.parse import parse_qs, urlsplit
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from minichat.config import get_settings
 from minichat.errors import ServiceUnavailable
-from minichat.events import AUDIT_QUEUE, USAGE_QUEUE
+from minichat.event_schema import QUEUES
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -40,7 +41,6 @@ __all__ = [
     "replay_dead_letters",
 ]
 
-QUEUES: tuple[str, ...] = (USAGE_QUEUE, AUDIT_QUEUE)
 DEAD_LETTER_EXCHANGE = "minichat.dlx"
 # Deliveries before a message is dead-lettered. High enough that the local consumer's backoff (0.5 s
 # doubling to 30 s) rides out several minutes of database outage; low enough that a poison batch stops.
@@ -70,12 +70,17 @@ class TopologyMismatch(RuntimeError):
     """A queue exists with other arguments than ours (RabbitMQ refuses to redeclare it)."""
 
 
-def connection_parameters(url: str | None = None, *, name: str = "minichat") -> pika.URLParameters:
-    """Parameters for RABBITMQ_URL: amqps:// verifies the server certificate and host name (Amazon MQ)."""
+def connection_parameters(
+    url: str | None = None, *, name: str = "minichat", defaults: dict[str, Any] | None = None
+) -> pika.URLParameters:
+    """Parameters for RABBITMQ_URL: amqps:// verifies the server certificate and host name (Amazon MQ).
+
+    `defaults` replace some of ours (the publisher's short timeouts); what the URL sets always wins.
+    """
     url = url or get_settings().rabbitmq_url
     params = pika.URLParameters(url)
     given = parse_qs(urlsplit(url).query)
-    for key, value in _DEFAULTS.items():
+    for key, value in {**_DEFAULTS, **(defaults or {})}.items():
         if key not in given:
             setattr(params, key, value)
     if params.ssl_options is not None and params.ssl_options.server_hostname is None:
@@ -88,11 +93,15 @@ def connection_parameters(url: str | None = None, *, name: str = "minichat") -> 
     return params
 
 
-def connect(url: str | None = None, *, name: str = "minichat") -> pika.BlockingConnection:
+def connect(
+    url: str | None = None, *, name: str = "minichat", defaults: dict[str, Any] | None = None
+) -> pika.BlockingConnection:
     """A new blocking connection; BrokerUnavailable when the broker cannot be reached."""
     try:
-        return pika.BlockingConnection(connection_parameters(url, name=name))
-    except (pika.exceptions.AMQPError, OSError) as exc:
+        return pika.BlockingConnection(connection_parameters(url, name=name, defaults=defaults))
+    # AMQPConnectorException: a handshake that timed out (a peer that accepts and never answers) is not
+    # an AMQPError; it escaped as an unexpected error, and nobody backed off.
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
         raise BrokerUnavailable() from exc
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg.rows import tuple_row
@@ -91,19 +91,40 @@ def create_chat(*, user_id: str, title: str | None) -> dict[str, Any]:
     return chat_out(row)
 
 
+# A chats cursor: (updated_at in µs since the epoch, the id's high and low 64 bits); messages: (seq).
+CHATS_CURSOR_SIZE = 3
+MESSAGES_CURSOR_SIZE = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_FIRST_US = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+_LAST_US = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+_U64 = 2**64
+
+
+def _chats_cursor(updated_at: datetime, chat_id: uuid.UUID) -> str:
+    high, low = divmod(chat_id.int, _U64)
+    signed = [value - _U64 if value >= 2**63 else value for value in (high, low)]
+    return encode_cursor([(updated_at - _EPOCH) // _MICROSECOND, *signed])
+
+
+def _chats_position(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """Any cursor of the right shape is a position: a time beyond the calendar is clamped to its ends."""
+    position = decode_cursor(cursor, size=CHATS_CURSOR_SIZE)
+    if position is None:
+        return None
+    micros, high, low = position
+    updated_at = _EPOCH + min(max(micros, _FIRST_US), _LAST_US) * _MICROSECOND
+    return updated_at, uuid.UUID(int=(high % _U64) * _U64 + low % _U64)
+
+
 def list_chats(*, user_id: str, limit: int, cursor: str | None) -> dict[str, Any]:
     """Newest `updatedAt` first; keyset pagination on (updated_at, id)."""
-    position = decode_cursor(cursor, size=2)
+    position = _chats_position(cursor)
     params: list[Any] = [user_id]
     where = ""
     if position is not None:
-        try:
-            updated_at = datetime.fromisoformat(str(position[0]))
-            last_id = uuid.UUID(str(position[1]))
-        except ValueError:
-            raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor") from None
         where = "AND (updated_at, id) < (%s, %s)"
-        params += [updated_at, last_id]
+        params += list(position)
     with db.read() as conn:
         rows = conn.execute(
             f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_id = %s {where}"
@@ -114,7 +135,7 @@ def list_chats(*, user_id: str, limit: int, cursor: str | None) -> dict[str, Any
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
-        next_cursor = encode_cursor([last["updated_at"].isoformat(), str(last["id"])])
+        next_cursor = _chats_cursor(last["updated_at"], last["id"])
     return {"items": [chat_out(r) for r in rows], "nextCursor": next_cursor}
 
 
@@ -305,12 +326,8 @@ def list_messages(
     "nextCursor": ...}`) whose items PostgreSQL wrote: no Python object is made per message only to be
     encoded again (that cost more than the query).
     """
-    position = decode_cursor(cursor, size=1)
-    after = 0
-    if position is not None:
-        if not isinstance(position[0], int) or isinstance(position[0], bool):
-            raise ValidationError("'cursor' is not a cursor this API returned.", field="cursor")
-        after = position[0]
+    position = decode_cursor(cursor, size=MESSAGES_CURSOR_SIZE)
+    after = position[0] if position is not None else 0
     params = {"after": after, "limit": limit, "chat_id": chat_id, "user_id": user_id, "leaf_id": leaf_id}
     with db.read() as conn:
         # One round trip: the ownership check rides along (a chat with an empty path: one row of NULLs

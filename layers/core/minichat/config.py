@@ -58,11 +58,12 @@ class Settings:
     provider_first_token_timeout: float = 60.0
     provider_idle_timeout: float = 60.0
     stream_buffer_ttl: int = 3600
-    rate_login_email: str = "10/60"
+    rate_login_email: str = "10/60"  # failed logins per (email, client IP)
     rate_login_ip: str = "100/60"
     rate_generations: str = "30/60"
     rate_api: str = "600/60"
     daily_token_budget: int = 0
+    max_streams_per_user: int = 8
     db_pool_min: int = 1
     db_pool_max: int = 10
     log_level: str = "INFO"
@@ -104,6 +105,7 @@ class Settings:
             rate_generations=env.get("MINICHAT_RATE_GENERATIONS") or defaults.rate_generations,
             rate_api=env.get("MINICHAT_RATE_API") or defaults.rate_api,
             daily_token_budget=_int(env, "MINICHAT_DAILY_TOKEN_BUDGET", 0, low=0, high=10**12),
+            max_streams_per_user=_int(env, "MINICHAT_MAX_STREAMS_PER_USER", 8, low=1, high=10_000),
             db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", pool_min, low=0, high=100),
             db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", pool_max, low=1, high=200),
             log_level=(env.get("MINICHAT_LOG_LEVEL") or "INFO").upper(),

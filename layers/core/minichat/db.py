@@ -10,11 +10,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from minichat.config import get_settings
-from minichat.errors import ServiceUnavailable
+from minichat.errors import InvalidToken, ServiceUnavailable
 
 __all__ = ["Conn", "after_commit", "close_pool", "get_pool", "read", "transaction"]
 
@@ -37,6 +38,17 @@ def _check_if_idle(conn: Conn) -> None:
                 _pool.check()
             raise
 
+
+# What refers to users(id). A write on behalf of an account deleted meanwhile (its token verified just
+# before, or its Redis marker is lost) breaks one of these: that is the token's fault, not the server's.
+_USER_REFERENCES = frozenset(
+    {
+        "chats_user_id_fkey",
+        "generations_user_id_fkey",
+        "refresh_tokens_user_id_fkey",
+        "idempotency_keys_user_id_fkey",
+    }
+)
 
 _on_commit: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
     "minichat_on_commit", default=None
@@ -103,6 +115,10 @@ def transaction() -> Iterator[Conn]:
                 _last_used[id(conn)] = time.monotonic()
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
+    except pg_errors.ForeignKeyViolation as exc:
+        if exc.diag.constraint_name in _USER_REFERENCES:
+            raise InvalidToken("This account no longer exists.") from exc
+        raise
     finally:
         _on_commit.reset(token)
     for callback in callbacks:

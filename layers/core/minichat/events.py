@@ -1,9 +1,12 @@
-"""Outbox, event schemas and the publisher (confirms). One module owns every event's shape.
+"""Outbox and the publisher (confirms). The events' shapes are minichat.event_schema's.
 
 Events are rows in `outbox`, written in the transaction of the change they describe (record_audit,
 record_usage). The relay publishes pending rows to RabbitMQ with publisher confirms and marks them
 published only after the broker confirmed them, so a broker outage delays events and never loses one:
-- `publish_pending()`: the fast path, called right after a commit; never raises.
+- the fast path right after a commit: local mode wakes its relay thread; on Lambda `publish_soon()` hands
+  the publish to the process's publisher thread and waits for it briefly (FAST_PATH_WAIT_S at most), so a
+  broker that is down, or silent, never costs a request more than that; after a failure the process backs
+  off (one back-off per process) and leaves the rows to the sweep;
 - `sweep()`: the periodic catch-up (local mode: `run_relay` on a timer; AWS: `relay_handler` on a schedule).
 Delivery is at-least-once (a crash between the confirm and the commit republishes); the worker
 deduplicates on eventId.
@@ -23,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from minichat.db import Conn, after_commit, transaction
 from minichat.errors import ServiceUnavailable
+from minichat.event_schema import AUDIT_QUEUE, USAGE_QUEUE, AuditEvent, UsageEvent
 from minichat.log import get_logger
 
 if TYPE_CHECKING:
@@ -36,20 +40,13 @@ __all__ = [
     "close_relay",
     "get_relay",
     "publish_pending",
+    "purge_published",
     "record_audit",
     "record_usage",
     "relay_handler",
     "run_relay",
     "sweep",
 ]
-
-USAGE_QUEUE = "usage_event"
-AUDIT_QUEUE = "audit_event"
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
 
 _commit_listener: Callable[[], None] | None = None
 
@@ -69,7 +66,7 @@ def _outbox_committed() -> None:
     from minichat.config import get_settings
 
     if get_settings().environment == "aws":
-        publish_pending()
+        get_relay().publish_soon()
 
 
 def _enqueue(conn: Conn, queue: str, payload: dict[str, Any]) -> None:
@@ -84,19 +81,15 @@ def record_audit(
     conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
 ) -> str:
     """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
-    event_id = str(uuid.uuid4())
-    _enqueue(
-        conn,
-        AUDIT_QUEUE,
-        {
-            "eventId": event_id,
-            "userId": str(user_id) if user_id else None,
-            "action": action,
-            "metadata": metadata or {},
-            "occurredAt": _now_iso(),
-        },
+    event = AuditEvent(
+        event_id=uuid.uuid4(),
+        user_id=uuid.UUID(str(user_id)) if user_id else None,
+        action=action,
+        metadata=metadata or {},
+        occurred_at=datetime.now(UTC),
     )
-    return event_id
+    _enqueue(conn, AUDIT_QUEUE, event.payload())
+    return str(event.event_id)
 
 
 def record_usage(
@@ -110,22 +103,18 @@ def record_usage(
     estimated: bool,
 ) -> str:
     """Write a usage event to the outbox, in the transaction that ends the generation."""
-    event_id = str(uuid.uuid4())
-    _enqueue(
-        conn,
-        USAGE_QUEUE,
-        {
-            "eventId": event_id,
-            "userId": str(user_id),
-            "generationId": str(generation_id),
-            "model": model,
-            "inputTokens": int(input_tokens),
-            "outputTokens": int(output_tokens),
-            "estimated": bool(estimated),
-            "occurredAt": _now_iso(),
-        },
+    event = UsageEvent(
+        event_id=uuid.uuid4(),
+        user_id=uuid.UUID(str(user_id)),
+        generation_id=uuid.UUID(str(generation_id)),
+        model=model,
+        input_tokens=int(input_tokens),
+        output_tokens=int(output_tokens),
+        estimated=bool(estimated),
+        occurred_at=datetime.now(UTC),
     )
-    return event_id
+    _enqueue(conn, USAGE_QUEUE, event.payload())
+    return str(event.event_id)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,6 +132,15 @@ _MARK_SQL = "UPDATE outbox SET published_at = now() WHERE id = ANY(%s)"
 _MAX_LIMIT = 10_000
 # The fast path runs in a request: it publishes a few batches at most and leaves a backlog to the sweep.
 _FAST_PATH_ROUNDS = 3
+# How long a request waits for the fast path's publish: a broker that is up confirms a few events in a
+# few ms; one that is down or silent costs a request no more than this (SPEC: +100 ms p99 at most).
+FAST_PATH_WAIT_S = 0.05
+# Connecting gives up after this (unless RABBITMQ_URL says otherwise): a broker that drops packets is
+# found out fast, and the process backs off instead of trying again on every commit.
+_CONNECT_TIMEOUTS = {"socket_timeout": 1.0, "stack_timeout": 2.0}
+# A transaction left waiting on a silent broker (or a Lambda frozen mid-publish) holds its rows' locks:
+# PostgreSQL ends it after this, and the rows are free for the next publish.
+_IDLE_IN_TRANSACTION_MS = 30_000
 
 
 class OutboxRelay:
@@ -150,6 +148,7 @@ class OutboxRelay:
 
     Thread-safe: one thread publishes at a time (pika connections are not thread-safe); a fast-path
     caller that finds the relay busy leaves a note, and the busy thread goes round once more for it.
+    One back-off for all callers: after a failure nobody tries the broker again until it has passed.
     """
 
     def __init__(self, *, url: str | None = None, min_backoff: float = 0.5, max_backoff: float = 5.0) -> None:
@@ -162,6 +161,70 @@ class OutboxRelay:
         self._channel: BlockingChannel | None = None
         self._lock = threading.Lock()
         self._wanted = False
+        # publish_soon's hand-off to the publisher thread: requests asked, requests answered.
+        self._handoff = threading.Condition()
+        self._asked = 0
+        self._answered = 0
+        self._busy_since: float | None = None
+        self._publisher: threading.Thread | None = None
+        self._closed = False
+
+    def publish_soon(self, *, wait: float = FAST_PATH_WAIT_S) -> None:
+        """The fast path, in a request: publish on the publisher thread, waiting `wait` seconds at most.
+
+        Never raises. Does not wait at all while the relay backs off after a failure, or while the
+        publisher is stuck on an earlier publish (a broker that stopped answering): the rows stay pending
+        and the sweep delivers them.
+        """
+        started = time.monotonic()
+        if started < self._retry_at:
+            return
+        with self._handoff:
+            if self._closed:
+                return
+            if self._publisher is None or not self._publisher.is_alive():
+                self._publisher = threading.Thread(
+                    target=self._publish_when_asked, name="minichat-publisher", daemon=True
+                )
+                self._publisher.start()
+            self._asked += 1
+            ticket = self._asked
+            self._handoff.notify_all()
+            busy = self._busy_since
+            if busy is not None and started - busy > wait:
+                return
+            answered = self._handoff.wait_for(lambda: self._answered >= ticket, timeout=wait)
+        if not answered:
+            # Still publishing after `wait`: the broker is down or silent. Back off, so that the next
+            # requests do not even wait, and leave the rows to the sweep.
+            self._back_off(time.monotonic())
+            log.warning("outbox fast path gave up", waited_ms=round((time.monotonic() - started) * 1000))
+
+    def _publish_when_asked(self) -> None:
+        from minichat.broker import TopologyMismatch
+
+        while True:
+            with self._handoff:
+                self._handoff.wait_for(lambda: self._asked > self._answered or self._closed)
+                if self._closed:
+                    return
+                target = self._asked
+                self._busy_since = time.monotonic()
+            try:
+                self._run(limit=500, blocking=True, drain=False, deadline=None)
+            except (ServiceUnavailable, TopologyMismatch) as exc:
+                log.warning("outbox relay deferred", error=type(exc).__name__, reason=str(exc))
+            except Exception:
+                log.exception("outbox publisher failed")  # the thread lives on; the sweep has the rows
+            finally:
+                with self._handoff:
+                    self._busy_since = None
+                    self._answered = max(self._answered, target)
+                    self._handoff.notify_all()
+
+    def _back_off(self, now: float) -> None:
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, self._max_backoff)
 
     def publish_pending(self, *, limit: int = 500) -> int:
         """Fast path: publish what is pending unless another thread is at it; raises ServiceUnavailable."""
@@ -172,9 +235,16 @@ class OutboxRelay:
         return self._run(limit=limit, blocking=True, drain=True, deadline=time.monotonic() + time_budget)
 
     def close(self) -> None:
-        """Close the broker connection (it is re-opened on next use)."""
-        with self._lock:
-            self._drop_connection()
+        """Close the broker connection (it is re-opened on next use) and stop the publisher thread."""
+        with self._handoff:
+            self._closed = True
+            self._handoff.notify_all()
+        # A publish stuck on a silent broker holds the lock until its socket gives up: do not wait for it.
+        if self._lock.acquire(timeout=1.0):
+            try:
+                self._drop_connection()
+            finally:
+                self._lock.release()
 
     def _run(self, *, limit: int, blocking: bool, drain: bool, deadline: float | None) -> int:
         if not 1 <= limit <= _MAX_LIMIT:
@@ -213,6 +283,7 @@ class OutboxRelay:
         published: list[int] = []
         failure: Exception | None = None
         with transaction() as conn:
+            conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {_IDLE_IN_TRANSACTION_MS}")
             rows = conn.execute(_CLAIM_SQL, (limit,)).fetchall()
             for row in rows:
                 properties = pika.BasicProperties(
@@ -237,6 +308,7 @@ class OutboxRelay:
             log.info("outbox published", count=len(published), last_id=published[-1])
         if failure is not None:
             self._drop_connection()
+            self._back_off(time.monotonic())
             raise BrokerUnavailable() from failure
         return len(published)
 
@@ -259,15 +331,14 @@ class OutboxRelay:
             raise broker.BrokerUnavailable()  # backing off: the outbox keeps the rows meanwhile
         connection: pika.BlockingConnection | None = None
         try:
-            connection = broker.connect(self._url, name="minichat-relay")
+            connection = broker.connect(self._url, name="minichat-relay", defaults=_CONNECT_TIMEOUTS)
             channel = connection.channel()
             broker.declare_topology(channel)
             channel.confirm_delivery()
         except (broker.BrokerUnavailable, pika.exceptions.AMQPError, OSError) as exc:
             if connection is not None:
                 self._close_quietly(connection)
-            self._retry_at = now + self._backoff
-            self._backoff = min(self._backoff * 2, self._max_backoff)
+            self._back_off(now)
             if isinstance(exc, broker.BrokerUnavailable):
                 raise
             raise broker.BrokerUnavailable() from exc
@@ -330,6 +401,20 @@ def publish_pending(*, limit: int = 500) -> int:
 def sweep(*, limit: int = 500, time_budget: float = 50.0) -> int:
     """Publish every pending row until none is left or the budget is spent; raises ServiceUnavailable."""
     return get_relay().sweep(limit=limit, time_budget=time_budget)
+
+
+# Published rows stay a week: enough to see what was sent when something downstream went wrong.
+PUBLISHED_KEPT_S = 7 * 86400
+
+
+def purge_published(conn: Conn, *, limit: int) -> int:
+    """Delete up to `limit` rows published more than a week ago, oldest first (one batch of the purge job)."""
+    cur = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+        " WHERE published_at < now() - make_interval(secs => %s) ORDER BY id LIMIT %s)",
+        (PUBLISHED_KEPT_S, limit),
+    )
+    return cur.rowcount
 
 
 def relay_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from minichat import auth, buffer, db, events, kv, limits
 from minichat.chats import answer_parent, insert_message, owned_chat_for_update
 from minichat.chats import delete_chat as _delete_chat_rows
 from minichat.config import get_settings
-from minichat.errors import GenerationInFlight, MiniChatError, NotFound, ServiceUnavailable
+from minichat.errors import GenerationInFlight, InvalidToken, MiniChatError, NotFound, ServiceUnavailable
 from minichat.log import get_logger
 from minichat.providers.base import ChatMessage, build_prompt, estimate_prompt_tokens, estimate_tokens
 from minichat.serialize import iso
@@ -513,6 +513,9 @@ def open_for_stream(
         row = conn.execute(
             f"SELECT {COLUMNS} FROM generations WHERE id = %s AND user_id = %s", (generation_id, user_id)
         ).fetchone()
+        if row is None and conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
+            # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
+            raise InvalidToken("This account no longer exists.")
     if row is None:
         raise NotFound("Generation not found.")
     return row, None

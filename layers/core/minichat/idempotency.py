@@ -2,7 +2,10 @@
 
 The key is claimed in its own transaction before the work (a row with no response yet), the response
 stored after it; a retry that arrives while the first is still running waits for it briefly. A failed
-first attempt (an error reply) releases the key, so the client can retry with the same key.
+first attempt (an error reply) releases the key, so the client can retry with the same key. A claim
+whose request never stored a result (its process died) is taken over by the next retry after
+CLAIM_TIMEOUT_S; each claim has its own id, so a first request that finishes after that can no longer
+store or release what is now the retry's.
 """
 
 from __future__ import annotations
@@ -17,9 +20,22 @@ from psycopg.types.json import Jsonb
 from minichat import db
 from minichat.errors import IdempotencyKeyReused, ValidationError
 
-__all__ = ["KEY_TTL_S", "Replay", "claim", "fingerprint", "purge_expired", "release", "store", "validate_key"]
+__all__ = [
+    "CLAIM_TIMEOUT_S",
+    "KEY_TTL_S",
+    "Claim",
+    "Replay",
+    "claim",
+    "fingerprint",
+    "purge_expired",
+    "release",
+    "store",
+    "validate_key",
+]
 
 KEY_TTL_S = 24 * 3600
+# No API request runs this long (API Gateway gives up after 29 s): a claim this old is abandoned.
+CLAIM_TIMEOUT_S = 60
 _WAIT_S = 5.0
 
 
@@ -29,6 +45,15 @@ class Replay:
 
     status: int
     body: Any
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This request holds the key: do the work, then store (or release) under this claim."""
+
+    user_id: str
+    key: str
+    claim_id: str
 
 
 def validate_key(raw: str) -> str:
@@ -44,24 +69,25 @@ def fingerprint(*, method: str, path: str, body: bytes) -> bytes:
     return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).digest()
 
 
-def claim(*, user_id: str, key: str, request_hash: bytes) -> Replay | None:
-    """Claim the key (None: go ahead and do the work) or return the first response to replay."""
+def claim(*, user_id: str, key: str, request_hash: bytes) -> Claim | Replay:
+    """Claim the key (a Claim: go ahead and do the work) or return the first response to replay."""
     deadline = time.monotonic() + _WAIT_S
     while True:
         with db.transaction() as conn:
-            # An expired key is free again.
+            # An expired key is free again, and so is a claim that never got its result.
             conn.execute(
                 "DELETE FROM idempotency_keys WHERE user_id = %s AND key = %s"
-                " AND created_at < now() - make_interval(secs => %s)",
-                (user_id, key, KEY_TTL_S),
+                " AND (created_at < now() - make_interval(secs => %s)"
+                "      OR (status_code IS NULL AND created_at < now() - make_interval(secs => %s)))",
+                (user_id, key, KEY_TTL_S, CLAIM_TIMEOUT_S),
             )
             inserted = conn.execute(
                 "INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES (%s, %s, %s)"
-                " ON CONFLICT DO NOTHING RETURNING key",
+                " ON CONFLICT DO NOTHING RETURNING claim_id",
                 (user_id, key, request_hash),
             ).fetchone()
             if inserted is not None:
-                return None
+                return Claim(user_id=user_id, key=key, claim_id=str(inserted["claim_id"]))
             row = conn.execute(
                 "SELECT request_hash, status_code, response_body FROM idempotency_keys"
                 " WHERE user_id = %s AND key = %s",
@@ -80,27 +106,31 @@ def claim(*, user_id: str, key: str, request_hash: bytes) -> Replay | None:
         time.sleep(0.05)
 
 
-def store(*, user_id: str, key: str, status: int, body: Any) -> None:
+def store(claim: Claim, *, status: int, body: Any) -> None:
+    """Keep the response for replays (unless the claim was taken over meanwhile)."""
     with db.transaction() as conn:
         conn.execute(
             "UPDATE idempotency_keys SET status_code = %s, response_body = %s"
-            " WHERE user_id = %s AND key = %s",
-            (status, Jsonb(body), user_id, key),
+            " WHERE user_id = %s AND key = %s AND claim_id = %s AND status_code IS NULL",
+            (status, Jsonb(body), claim.user_id, claim.key, claim.claim_id),
         )
 
 
-def release(*, user_id: str, key: str) -> None:
+def release(claim: Claim) -> None:
+    """Free the key: nothing was created, the client may use it again."""
     with db.transaction() as conn:
         conn.execute(
-            "DELETE FROM idempotency_keys WHERE user_id = %s AND key = %s AND status_code IS NULL",
-            (user_id, key),
+            "DELETE FROM idempotency_keys"
+            " WHERE user_id = %s AND key = %s AND claim_id = %s AND status_code IS NULL",
+            (claim.user_id, claim.key, claim.claim_id),
         )
 
 
-def purge_expired() -> int:
-    """Forget keys older than 24 h (run by the reaper's schedule)."""
-    with db.transaction() as conn:
-        cur = conn.execute(
-            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => %s)", (KEY_TTL_S,)
-        )
-        return cur.rowcount
+def purge_expired(conn: db.Conn, *, limit: int) -> int:
+    """Delete up to `limit` keys older than 24 h, oldest first (one batch of the purge job)."""
+    cur = conn.execute(
+        "DELETE FROM idempotency_keys WHERE (user_id, key) IN (SELECT user_id, key FROM idempotency_keys"
+        " WHERE created_at < now() - make_interval(secs => %s) ORDER BY created_at LIMIT %s)",
+        (KEY_TTL_S, limit),
+    )
+    return cur.rowcount

@@ -17,20 +17,28 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
 
 from minichat.db import transaction
-from minichat.errors import ServiceUnavailable, ValidationError
-from minichat.events import AUDIT_QUEUE, USAGE_QUEUE
+from minichat.errors import ServiceUnavailable
+from minichat.event_schema import (
+    AUDIT_QUEUE,
+    USAGE_QUEUE,
+    AuditEvent,
+    InvalidMessage,
+    UsageEvent,
+    parse_audit,
+    parse_usage,
+    storable,
+)
 from minichat.log import bind_request_id, get_logger, request_id
 
 __all__ = [
@@ -53,21 +61,10 @@ log = get_logger("minichat.usage")
 
 EVENT_SOURCE = "aws:rmq"
 MAX_RANGE_DAYS = 366
-MAX_BODY_BYTES = 256 * 1024
-_MAX_INT4 = 2**31 - 1  # usage_events token columns are `integer`
-_MAX_MODEL_LEN = 200
-_MAX_ACTION_LEN = 100
-_MAX_METADATA_DEPTH = 32
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_ACTION = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
 
 
 class MalformedEvent(ValueError):
     """The invocation is not an Amazon MQ RabbitMQ event at all (a wiring error, not a bad message)."""
-
-
-class InvalidMessage(ValueError):
-    """A message the worker cannot record; its text is the dead letter's reason."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,31 +78,6 @@ class MqMessage:
     message_id: str | None = None
     redelivered: bool = False
     error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
-    """A validated usage event."""
-
-    event_id: uuid.UUID
-    user_id: uuid.UUID
-    generation_id: uuid.UUID
-    model: str
-    input_tokens: int
-    output_tokens: int
-    estimated: bool
-    occurred_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEvent:
-    """A validated audit event."""
-
-    event_id: uuid.UUID
-    user_id: uuid.UUID | None
-    action: str
-    metadata: dict[str, Any]
-    occurred_at: datetime
 
 
 @dataclass
@@ -175,147 +147,6 @@ def _render(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Validating bodies (pure): every field and type checked before anything is written.
-
-
-def parse_usage(body: bytes) -> UsageEvent:
-    """A usage event from its JSON body; InvalidMessage says what is wrong."""
-    obj = _load_object(body)
-    return UsageEvent(
-        event_id=_uuid(obj, "eventId"),
-        user_id=_uuid(obj, "userId"),
-        generation_id=_uuid(obj, "generationId"),
-        model=_text(obj, "model", max_len=_MAX_MODEL_LEN),
-        input_tokens=_count(obj, "inputTokens"),
-        output_tokens=_count(obj, "outputTokens"),
-        estimated=_bool(obj, "estimated"),
-        occurred_at=_time(obj, "occurredAt"),
-    )
-
-
-def parse_audit(body: bytes) -> AuditEvent:
-    """An audit event from its JSON body; InvalidMessage says what is wrong."""
-    obj = _load_object(body)
-    action = _text(obj, "action", max_len=_MAX_ACTION_LEN)
-    if not _ACTION.fullmatch(action):
-        raise InvalidMessage("action must look like 'noun.verb' (lowercase, dotted)")
-    if "metadata" not in obj:
-        raise InvalidMessage("metadata is missing")
-    metadata = obj["metadata"]
-    if not isinstance(metadata, dict):
-        raise InvalidMessage("metadata must be an object")
-    _check_storable_json(metadata, "metadata", 0)
-    return AuditEvent(
-        event_id=_uuid(obj, "eventId"),
-        user_id=_uuid(obj, "userId", nullable=True),
-        action=action,
-        metadata=metadata,
-        occurred_at=_time(obj, "occurredAt"),
-    )
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidMessage(f"body is not valid JSON ({name} is not a JSON number)")
-
-
-def _load_object(body: bytes) -> dict[str, Any]:
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidMessage(f"body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidMessage("body is not UTF-8") from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except InvalidMessage:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise InvalidMessage(f"body is not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(value, dict):
-        raise InvalidMessage("body is not a JSON object")
-    return value
-
-
-def _present(obj: Mapping[str, Any], name: str) -> Any:
-    if name not in obj:
-        raise InvalidMessage(f"{name} is missing")
-    return obj[name]
-
-
-def _uuid(obj: Mapping[str, Any], name: str, *, nullable: bool = False) -> Any:
-    value = _present(obj, name)
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str) or not _UUID.fullmatch(value):
-        raise InvalidMessage(f"{name} must be a UUID string")
-    return uuid.UUID(value)
-
-
-def _count(obj: Mapping[str, Any], name: str) -> int:
-    value = _present(obj, name)
-    # bool is an int in Python, never a token count in JSON.
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT4:
-        raise InvalidMessage(f"{name} must be an integer between 0 and {_MAX_INT4}")
-    return value
-
-
-def _bool(obj: Mapping[str, Any], name: str) -> bool:
-    value = _present(obj, name)
-    if not isinstance(value, bool):
-        raise InvalidMessage(f"{name} must be true or false")
-    return value
-
-
-def _text(obj: Mapping[str, Any], name: str, *, max_len: int) -> str:
-    value = _present(obj, name)
-    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
-        raise InvalidMessage(f"{name} must be a string of 1 to {max_len} characters")
-    if not _storable(value):
-        raise InvalidMessage(f"{name} contains characters PostgreSQL cannot store")
-    return value
-
-
-def _time(obj: Mapping[str, Any], name: str) -> datetime:
-    value = _present(obj, name)
-    if not isinstance(value, str):
-        raise InvalidMessage(f"{name} must be an ISO-8601 time string")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidMessage(f"{name} must be an ISO-8601 time string") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise InvalidMessage(f"{name} must carry a time zone (Z or an offset)")
-    return parsed.astimezone(UTC)
-
-
-def _storable(text: str) -> bool:
-    # PostgreSQL text and jsonb refuse NUL; lone surrogates cannot be encoded to UTF-8 at all.
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_storable_json(value: Any, path: str, depth: int) -> None:
-    if depth > _MAX_METADATA_DEPTH:
-        raise InvalidMessage(f"{path} is nested deeper than {_MAX_METADATA_DEPTH} levels")
-    if isinstance(value, str):
-        if not _storable(value):
-            raise InvalidMessage(f"{path} contains characters PostgreSQL cannot store")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not _storable(key):
-                raise InvalidMessage(f"{path} has a key PostgreSQL cannot store")
-            _check_storable_json(item, path, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_storable_json(item, path, depth + 1)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Recording a batch.
 
 # One statement: insert what is new, then add exactly those rows to their user's UTC day. Rows skipped by
@@ -359,9 +190,6 @@ SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[]
 ON CONFLICT (fingerprint) DO NOTHING
 """
 
-# FOR KEY SHARE: a user deleted between this check and the insert would break the FK and abort the batch.
-_KNOWN_USERS_SQL = "SELECT id FROM users WHERE id = ANY(%s::uuid[]) FOR KEY SHARE"
-
 
 def record_batch(conn: psycopg.Connection[Any], messages: Iterable[MqMessage]) -> BatchResult:
     """Record decoded messages in one transaction on `conn`; invalid ones become dead letters."""
@@ -391,10 +219,9 @@ def record_batch(conn: psycopg.Connection[Any], messages: Iterable[MqMessage]) -
     with conn.transaction():
         cur = conn.cursor(row_factory=tuple_row)
         if usage:
-            user_ids = sorted({event.user_id for _, event in usage})
-            known = {row[0] for row in cur.execute(_KNOWN_USERS_SQL, (user_ids,))}
-            dead.extend((message, "userId is not a user") for message, e in usage if e.user_id not in known)
-            _insert_usage(cur, [event for _, event in usage if event.user_id in known], result)
+            # No check that the user exists: usage outlives a deleted account (SPEC §7.4), and an event
+            # recorded just before the deletion may well arrive after it.
+            _insert_usage(cur, [event for _, event in usage], result)
         if audit:
             _insert_audit(cur, audit, result)
         if dead:
@@ -488,14 +315,14 @@ def _dead_letter_body(message: MqMessage) -> str:
             text = message.body.decode("utf-8")
         except UnicodeDecodeError:
             return "base64:" + _printable(message.data)
-        if _storable(text):
+        if storable(text):
             return text
         return "base64:" + _printable(message.data)
     return _printable(message.data)
 
 
 def _printable(text: str) -> str:
-    if _storable(text):
+    if storable(text):
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
@@ -534,12 +361,13 @@ def _handle(event: Mapping[str, Any]) -> dict[str, Any]:
 def daily_totals(
     conn: psycopg.Connection[Any], *, user_id: str | uuid.UUID, day_from: date, day_to: date
 ) -> dict[str, Any]:
-    """The user's tokens for every UTC day in [day_from, day_to] (zeros included) and the range's totals."""
-    if day_to < day_from:
-        raise ValidationError("`from` must not be after `to`.", field="from")
-    span = (day_to - day_from).days + 1
-    if span > MAX_RANGE_DAYS:
-        raise ValidationError(f"The range may cover at most {MAX_RANGE_DAYS} days.", field="from")
+    """The user's tokens for every UTC day in [day_from, day_to] (zeros included) and the range's totals.
+
+    Every pair of days is a valid range (the API's schema cannot say otherwise): one longer than
+    MAX_RANGE_DAYS is its last MAX_RANGE_DAYS days, and `day_from` after `day_to` is an empty range.
+    """
+    span = min(max(0, (day_to - day_from).days + 1), MAX_RANGE_DAYS)
+    day_from = day_to - timedelta(days=span - 1) if span else day_to
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
         "SELECT day, input_tokens, output_tokens FROM daily_usage"
