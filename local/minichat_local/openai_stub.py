@@ -34,10 +34,13 @@ __all__ = [
     "Behavior",
     "OpenAIStub",
     "StubStats",
+    "add_behavior_options",
+    "behavior_from_args",
     "main",
     "prompt_tokens",
     "serve_stub",
     "stub_text",
+    "stub_token",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -126,10 +129,11 @@ class StubStats:
 
 def stub_text(tokens: int) -> str:
     """The exact text a stream of `tokens` tokens carries: "w0 w1 w2 ..."."""
-    return "".join(_token(i) for i in range(tokens))
+    return "".join(stub_token(i) for i in range(tokens))
 
 
-def _token(index: int) -> str:
+def stub_token(index: int) -> str:
+    """Token `index` of a stub stream."""
     return f" w{index}" if index else "w0"
 
 
@@ -263,7 +267,7 @@ async def _stream(
                 await asyncio.sleep(delay)
         elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)
-        content = json.dumps(_token(index), ensure_ascii=False)
+        content = json.dumps(stub_token(index), ensure_ascii=False)
         await frame(
             f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
         )
@@ -344,8 +348,11 @@ async def _error(send: Send, status: int, message: str) -> None:
 
 
 @contextmanager
-def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` from a background thread (port 0 = a free one); yields the base URL, ".../v1"."""
+def serve_stub(
+    app: Any = None, *, host: str = "127.0.0.1", port: int = 0, path: str = "/v1"
+) -> Iterator[str]:
+    """Serve `app` (an ASGI app; the OpenAI stub by default) from a background thread (port 0 = a free
+    one); yields the base URL, "http://127.0.0.1:<port>" + `path`."""
     app = app or OpenAIStub()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -359,10 +366,10 @@ def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: 
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             sock.close()
-            raise RuntimeError("the OpenAI stub did not start")
+            raise RuntimeError("the stub server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{port}/v1"
+        yield f"http://{host}:{port}{path}"
     finally:
         # force_exit: stalled streams never finish on their own; the loop's teardown cancels them.
         server.should_exit = True
@@ -371,11 +378,8 @@ def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: 
         sock.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m minichat_local.openai_stub`: serve the stub until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="minichat_local.openai_stub", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
+def add_behavior_options(parser: argparse.ArgumentParser) -> None:
+    """One `--name` option per Behavior field (the server's default behaviour)."""
     defaults = Behavior()
     for spec in fields(Behavior):
         kind = float if spec.name in _FLOAT_KEYS else int
@@ -383,8 +387,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(
             flag, type=kind, default=getattr(defaults, spec.name), help=f"default {spec.name}"
         )
+
+
+def behavior_from_args(args: argparse.Namespace) -> Behavior:
+    """The Behavior the options of add_behavior_options describe."""
+    return Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minichat_local.openai_stub`: serve the stub until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="minichat_local.openai_stub", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    add_behavior_options(parser)
     args = parser.parse_args(argv)
-    behavior = Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
+    behavior = behavior_from_args(args)
     config = uvicorn.Config(
         OpenAIStub(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
     )

@@ -242,7 +242,7 @@ class Engine:
         messages = build_prompt(
             row["system_prompt"],
             [ChatMessage(role, content) for role, content in history if role in _VALID_ROLES],
-            context_tokens=self.settings.context_tokens,
+            context_tokens=self.registry.prompt_tokens(row["model"], max_tokens=row["max_tokens"]),
         )
         prompt_estimate = estimate_prompt_tokens(messages)
         usage: list[Any] = []

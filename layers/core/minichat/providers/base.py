@@ -83,7 +83,7 @@ class Provider(Protocol):
         ...
 
     def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
-        """Deltas, then at most one Finish and one Usage; closing the generator closes the upstream request."""
+        """Deltas, then at most one Finish and one Usage; closing the generator closes the upstream call."""
         ...
 
     async def aclose(self) -> None:

@@ -40,7 +40,9 @@ class OpenAIProvider:
         connect_timeout: float = 10.0,
         transport: Transport = "aiohttp",
         max_tokens_param: str = "max_tokens",
+        label: str = "openai",
     ) -> None:
+        self.label = label  # which server, in configuration errors (several may be configured)
         self._models = list(models)
         self._api_key = api_key
         self._base_url = base_url

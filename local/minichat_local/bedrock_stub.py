@@ -1,0 +1,329 @@
+"""A stand-in for Amazon Bedrock ConverseStream, speaking AWS event-stream framing (tests, benchmarks).
+
+The real boto3 client talks to it through MINICHAT_BEDROCK_ENDPOINT_URL (any credentials: the stand-in
+does not check SigV4, it only records that a signature came). `POST /model/{modelId}/converse-stream`
+answers `application/vnd.amazon.eventstream`: messageStart, one contentBlockDelta per token,
+contentBlockStop, messageStop (stopReason `max_tokens` when inferenceConfig.maxTokens cut the answer,
+else `end_turn`) and metadata (usage). Every message is framed as Bedrock frames it: a prelude (total and
+headers length, CRC32), the `:event-type` / `:content-type` / `:message-type` headers, a JSON payload and
+the message CRC32.
+
+The behaviour comes from the model id, as for the OpenAI stub (minichat_local.openai_stub.Behavior):
+`stub-tokens-100-rate-50` (100 tokens at 50 tokens/s), `stub-stall-after-1` (one token, then nothing until
+the client leaves; `-0`: nothing after messageStart), `stub-ttft-ms-2000`, `stub-error-429` (an HTTP error
+with `x-amzn-ErrorType`: 429 ThrottlingException, 503 ServiceUnavailableException, 408
+ModelTimeoutException, 400 ValidationException, 403 AccessDeniedException, ...), `stub-fail-after-3` (an
+in-stream `modelStreamErrorException`), `stub-drop-after-3` (cut the connection).
+
+    with serve_stub(BedrockStub(), path="") as endpoint_url:   # "http://127.0.0.1:<port>"
+        ...
+
+    python -m minichat_local.bedrock_stub --port 8101 --tokens 100 --rate 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import binascii
+import json
+import struct
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import uvicorn
+
+from minichat_local.openai_stub import (
+    ERROR_BODY_MARKER,
+    Behavior,
+    add_behavior_options,
+    behavior_from_args,
+    stub_token,
+)
+
+__all__ = [
+    "ERROR_TYPES",
+    "BedrockStub",
+    "BedrockStubStats",
+    "decode_message",
+    "encode_message",
+    "main",
+    "prompt_tokens",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# HTTP status → the error type Bedrock names in `x-amzn-ErrorType`.
+ERROR_TYPES = {
+    400: "ValidationException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
+}
+_YIELD_EVERY = 16
+_HEADER_STRING = 7
+
+
+def encode_message(headers: dict[str, str], payload: bytes) -> bytes:
+    """One event-stream message: prelude + prelude CRC, string headers, payload, message CRC."""
+    head = b"".join(
+        struct.pack("!B", len(name))
+        + name.encode()
+        + struct.pack("!BH", _HEADER_STRING, len(value))
+        + value.encode()
+        for name, value in headers.items()
+    )
+    total = 12 + len(head) + len(payload) + 4
+    prelude = struct.pack("!II", total, len(head))
+    prelude += struct.pack("!I", binascii.crc32(prelude))
+    body = prelude + head + payload
+    return body + struct.pack("!I", binascii.crc32(body))
+
+
+def decode_message(data: bytes) -> tuple[dict[str, str], bytes]:
+    """The inverse of encode_message (string headers only), CRCs checked; for tests."""
+    total, head_length, prelude_crc = struct.unpack("!III", data[:12])
+    assert binascii.crc32(data[:8]) == prelude_crc and len(data) == total
+    assert binascii.crc32(data[:-4]) == struct.unpack("!I", data[-4:])[0]
+    headers, position = {}, 12
+    while position < 12 + head_length:
+        name_length = data[position]
+        name = data[position + 1 : position + 1 + name_length].decode()
+        position += 1 + name_length
+        kind, value_length = struct.unpack("!BH", data[position : position + 3])
+        assert kind == _HEADER_STRING
+        headers[name] = data[position + 3 : position + 3 + value_length].decode()
+        position += 3 + value_length
+    return headers, data[12 + head_length : -4]
+
+
+def _event(event_type: str, payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return encode_message(
+        {":event-type": event_type, ":content-type": "application/json", ":message-type": "event"}, body
+    )
+
+
+def _exception(exception_type: str, message: str) -> bytes:
+    body = json.dumps({"message": message}).encode()
+    return encode_message(
+        {
+            ":exception-type": exception_type,
+            ":content-type": "application/json",
+            ":message-type": "exception",
+        },
+        body,
+    )
+
+
+def prompt_tokens(request: dict[str, Any]) -> int:
+    """The inputTokens the stand-in reports: four characters a token, four per message (system included)."""
+    texts = [b.get("text", "") for b in request.get("system") or []]
+    texts += [b.get("text", "") for m in request.get("messages") or [] for b in m.get("content") or []]
+    return sum(-(-len(text) // 4) + 4 for text in texts)
+
+
+@dataclass
+class BedrockStubStats:
+    """Counters for assertions and benchmarks; written only by the server's loop."""
+
+    requests: int = 0
+    completed: int = 0  # streams that sent metadata
+    disconnected: int = 0  # streams whose client left before the end
+    active: int = 0
+    max_active: int = 0
+    last_request: dict[str, Any] = field(default_factory=dict)
+    last_model: str = ""
+    last_authorization: str | None = None
+    disconnect_times: list[float] = field(default_factory=list)  # time.monotonic() when each was seen
+
+
+class BedrockStub:
+    """The ASGI app: `POST /model/{modelId}/converse-stream`."""
+
+    def __init__(self, behavior: Behavior | None = None) -> None:
+        self.behavior = behavior or Behavior()
+        self.stats = BedrockStubStats()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if (
+            scope["method"] != "POST"
+            or not path.startswith("/model/")
+            or not path.endswith("/converse-stream")
+        ):
+            await _error(send, 404, "UnknownOperationException", "no such operation")
+            return
+        model = unquote(path[len("/model/") : -len("/converse-stream")])
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            request = json.loads(body)
+            behavior = self.behavior.for_model(model)
+        except ValueError as exc:
+            await _error(send, 400, "ValidationException", f"{ERROR_BODY_MARKER}: {exc}")
+            return
+
+        stats = self.stats
+        stats.requests += 1
+        stats.last_request = request
+        stats.last_model = model
+        authorization = dict(scope["headers"]).get(b"authorization")
+        stats.last_authorization = authorization.decode() if authorization else None
+        if behavior.error is not None:
+            kind = ERROR_TYPES.get(behavior.error, "InternalServerException")
+            await _error(send, behavior.error, kind, f"{ERROR_BODY_MARKER}: scripted {kind} for {model}")
+            return
+
+        stats.active += 1
+        stats.max_active = max(stats.max_active, stats.active)
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone, stats))
+        try:
+            finished = await _stream(send, gone, request=request, behavior=behavior)
+        finally:
+            watcher.cancel()
+            stats.active -= 1
+        if finished:
+            stats.completed += 1
+        elif gone.is_set():
+            stats.disconnected += 1
+
+    def disconnects_after(self, moment: float) -> list[float]:
+        """Seconds from `moment` (time.monotonic()) to each disconnect seen since."""
+        return [t - moment for t in self.stats.disconnect_times if t >= moment]
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stats: BedrockStubStats) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    stats.disconnect_times.append(time.monotonic())
+    gone.set()
+
+
+async def _stream(send: Send, gone: asyncio.Event, *, request: dict[str, Any], behavior: Behavior) -> bool:
+    """Send the events; True when the stream reached metadata."""
+    limit = (request.get("inferenceConfig") or {}).get("maxTokens")
+    count = behavior.tokens if not isinstance(limit, int) else min(behavior.tokens, limit)
+    stop_reason = "max_tokens" if count < behavior.tokens else "end_turn"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/vnd.amazon.eventstream"),
+                (b"x-amzn-requestid", b"00000000-0000-0000-0000-000000000000"),
+            ],
+        }
+    )
+
+    async def frame(data: bytes, *, more: bool = True) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": more})
+
+    started = time.monotonic()
+    await frame(_event("messageStart", {"role": "assistant"}))
+    if behavior.ttft_ms:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index in range(count):
+        if gone.is_set():
+            return False
+        if index == behavior.stall_after:
+            await gone.wait()
+            return False
+        if index == behavior.drop_after:
+            return False  # the server cuts the connection mid-body
+        if index == behavior.fail_after:
+            await frame(
+                _exception("modelStreamErrorException", f"{ERROR_BODY_MARKER}: scripted failure"), more=False
+            )
+            return False
+        if behavior.rate:
+            delay = start + index / behavior.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        await frame(
+            _event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": stub_token(index)}})
+        )
+    if behavior.stall_after is not None and behavior.stall_after >= count:
+        await gone.wait()
+        return False
+    if gone.is_set():
+        return False
+    input_tokens = prompt_tokens(request)
+    await frame(
+        _event("contentBlockStop", {"contentBlockIndex": 0})
+        + _event("messageStop", {"stopReason": stop_reason})
+        + _event(
+            "metadata",
+            {
+                "usage": {
+                    "inputTokens": input_tokens,
+                    "outputTokens": count,
+                    "totalTokens": input_tokens + count,
+                },
+                "metrics": {"latencyMs": int((time.monotonic() - started) * 1000)},
+            },
+        ),
+        more=False,
+    )
+    return True
+
+
+async def _error(send: Send, status: int, kind: str, message: str) -> None:
+    body = json.dumps({"message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (
+                    b"x-amzn-errortype",
+                    f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/".encode(),
+                ),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minichat_local.bedrock_stub`: serve the stand-in until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="minichat_local.bedrock_stub", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8101)
+    add_behavior_options(parser)
+    args = parser.parse_args(argv)
+    behavior = behavior_from_args(args)
+    config = uvicorn.Config(
+        BedrockStub(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
+    )
+    print(f"Bedrock stand-in on http://{args.host}:{args.port} ({behavior})", flush=True)
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()
