@@ -147,6 +147,7 @@ class BedrockStubStats:
     last_model: str = ""
     last_authorization: str | None = None
     disconnect_times: list[float] = field(default_factory=list)  # time.monotonic() when each was seen
+    clients: set[tuple[str, int]] = field(default_factory=set)  # distinct client sockets: pool reuse
 
 
 class BedrockStub:
@@ -185,6 +186,8 @@ class BedrockStub:
         stats.requests += 1
         stats.last_request = request
         stats.last_model = model
+        if scope.get("client"):
+            stats.clients.add(tuple(scope["client"]))
         authorization = dict(scope["headers"]).get(b"authorization")
         stats.last_authorization = authorization.decode() if authorization else None
         if behavior.error is not None:
