@@ -310,3 +310,56 @@ def test_sam_local_env_file_sets_only_declared_variables(translated: dict[str, A
         for key in declared:
             if key.endswith("_SECRET_ARN") and key != "MINICHAT_JWT_SECRET_ARN":
                 assert variables.get(key) == "", (name, key)  # no Secrets Manager on the laptop
+
+
+def _evaluate(node: Any, params: dict[str, Any]) -> Any:
+    """The few intrinsic functions the Bedrock policy uses (Ref, Fn::Sub, Fn::Join, Fn::Split)."""
+    if isinstance(node, list):
+        return [_evaluate(item, params) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "Ref" in node:
+        return params[node["Ref"]]
+    if "Fn::Join" in node:
+        separator, items = _evaluate(node["Fn::Join"], params)
+        return separator.join(items)
+    if "Fn::Split" in node:
+        separator, text = _evaluate(node["Fn::Split"], params)
+        return text.split(separator)
+    if "Fn::Sub" in node:
+        spec = node["Fn::Sub"]
+        text, names = (spec, {}) if isinstance(spec, str) else (spec[0], _evaluate(spec[1], params))
+        return re.sub(r"\$\{([\w:]+)\}", lambda m: str({**params, **names}[m.group(1)]), text)
+    return {key: _evaluate(value, params) for key, value in node.items()}
+
+
+def test_only_the_stream_function_may_invoke_the_configured_bedrock_models(
+    translated: dict[str, Any],
+) -> None:
+    bedrock = [
+        (role, st)
+        for role in _resources(translated, "AWS::IAM::Role")
+        for st in _statements(translated, role)
+        if any(action.startswith("bedrock:") for action in _actions(st))
+    ]
+    assert [role for role, _ in bedrock] == ["StreamFunctionRole"]
+    (_, statement), *_ = bedrock
+    assert sorted(_actions(statement)) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+    params = {
+        "AWS::Partition": "aws",
+        "AWS::AccountId": "123456789012",
+        "BedrockModels": "us.anthropic.claude-3-5-haiku-20241022-v1:0,amazon.nova-lite-v1:0",
+    }
+    resources = set(_evaluate(statement["Resource"], params))
+    assert resources == {
+        "arn:aws:bedrock:*::foundation-model/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        "arn:aws:bedrock:*::foundation-model/amazon.nova-lite-v1:0",
+        "arn:aws:bedrock:*:123456789012:inference-profile/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        "arn:aws:bedrock:*:123456789012:inference-profile/amazon.nova-lite-v1:0",
+        # the foundation model the US profile routes to, in whichever region it picks
+        "arn:aws:bedrock:*::foundation-model/anthropic.claude-3-5-haiku-20241022-v1:0",
+    }
+    for name in ("ApiFunction", "StreamFunction"):
+        env = translated["Resources"][name]["Properties"]["Environment"]["Variables"]
+        assert env["MINICHAT_BEDROCK_MODELS"] == {"Ref": "BedrockModels"}
+        assert "MINICHAT_BEDROCK_REGION" in env and "MINICHAT_OPENAI_SERVERS" in env

@@ -87,8 +87,10 @@ def test_a_malformed_server_list_is_refused(raw: str, complaint: str) -> None:
         Settings.from_env({"MINICHAT_OPENAI_SERVERS": raw})
 
 
-def test_a_server_key_from_secrets_manager(monkeypatch: pytest.MonkeyPatch) -> None:
-    from minichat import config
+def test_a_server_key_from_secrets_manager_is_read_when_the_client_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from minichat.providers import openai as openai_provider
 
     asked: list[str] = []
 
@@ -96,14 +98,16 @@ def test_a_server_key_from_secrets_manager(monkeypatch: pytest.MonkeyPatch) -> N
         asked.append(arn)
         return "sk-from-secret"
 
-    monkeypatch.setattr(config, "fetch_secret_value", fetch)
-    raw = json.dumps(
-        [{"name": "x", "apiKeySecretArn": "arn:aws:secretsmanager:r:1:secret:k", "models": ["m"]}]
-    )
-    s = Settings.from_env({"MINICHAT_OPENAI_SERVERS": raw})
-    assert s.openai_servers[0].api_key == "sk-from-secret" and asked == [
-        "arn:aws:secretsmanager:r:1:secret:k"
-    ]
+    monkeypatch.setattr(openai_provider, "fetch_secret_value", fetch)
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:k"
+    raw = json.dumps([{"name": "x", "apiKeySecretArn": arn, "models": ["m"]}])
+    settings = Settings.from_env({"MINICHAT_OPENAI_SERVERS": raw})
+    assert settings.openai_servers[0].api_key is None
+    ProviderRegistry.from_settings(settings)  # what the API function does: no secret read
+    assert asked == []
+    registry = ProviderRegistry.from_settings(settings, preload=True)  # the stream function's cold start
+    assert asked == [arn]
+    assert registry.resolve("m")._make_client().api_key == "sk-from-secret"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

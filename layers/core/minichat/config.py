@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from minichat.errors import ConfigError
-from minichat.secrets import fetch_secret_value, resolve_secret_references
+from minichat.secrets import resolve_secret_references
 
 __all__ = ["OpenAIServer", "Settings", "get_settings", "set_settings"]
 
@@ -40,12 +40,13 @@ def _list(raw: str | None) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class OpenAIServer:
     """One OpenAI-compatible server of MINICHAT_OPENAI_SERVERS: its name (for logs and errors only), URL,
-    key and the model ids it serves."""
+    key (or the Secrets Manager secret holding it) and the model ids it serves."""
 
     name: str
     models: tuple[str, ...]
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    api_key_secret_arn: str | None = None
 
 
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
@@ -97,13 +98,13 @@ def _openai_servers(env: Mapping[str, str]) -> tuple[OpenAIServer, ...]:
                 raise ConfigError(f"{where}.{key} must be a non-empty string")
         if api_key and arn:
             raise ConfigError(f"{where} sets both apiKey and apiKeySecretArn")
-        if arn:
-            # Once per cold start, as for OPENAI_API_KEY_SECRET_ARN; the key itself never sits in the
-            # function's configuration.
-            api_key = fetch_secret_value(arn, key="apiKey", variable=f"{where}.apiKeySecretArn")
         servers.append(
             OpenAIServer(
-                name=name, models=tuple(m.strip() for m in models), base_url=base_url, api_key=api_key
+                name=name,
+                models=tuple(m.strip() for m in models),
+                base_url=base_url,
+                api_key=api_key,
+                api_key_secret_arn=arn,
             )
         )
     return tuple(servers)

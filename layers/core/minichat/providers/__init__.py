@@ -108,6 +108,7 @@ class ProviderRegistry:
                 openai_provider = OpenAIProvider(
                     models=server.models,
                     api_key=server.api_key,
+                    api_key_secret_arn=server.api_key_secret_arn,
                     base_url=server.base_url,
                     first_token_timeout=settings.provider_first_token_timeout,
                     idle_timeout=settings.provider_idle_timeout,
