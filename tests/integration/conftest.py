@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,14 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Api, LocalProcess
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from helpers import Api, LocalProcess, free_port
 
 # Models the OpenAI provider serves in the test server: the stub reads its behaviour from the name.
 STUB_MODELS = ("stub-tokens-12", "stub-tokens-30-rate-20", "stub-error-500", "stub-stall-after-2")

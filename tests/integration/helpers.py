@@ -20,6 +20,12 @@ BROKER_URL = os.environ["RABBITMQ_URL"]  # the tests' own vhost (tests/conftest.
 VHOST = BROKER_URL.rsplit("/", 1)[1]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Account, Api, EventStream, LocalProcess, assert_error, text_of
+from helpers import Account, Api, EventStream, LocalProcess, assert_error, free_port, text_of
 from minichat_local.bedrock_stub import BedrockStub, BedrockStubStats, prompt_tokens
 from minichat_local.openai_stub import OpenAIStub, serve_stub, stub_text
 
@@ -43,12 +43,6 @@ AWS_TEST_CREDENTIALS = {
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def _free_port() -> int:
-    from conftest import free_port  # tests/integration/conftest.py
-
-    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +70,7 @@ def world(
             "MINICHAT_MODEL_LIMITS": json.dumps(LIMITS),
             "MINICHAT_DEFAULT_MODEL": "mock-echo",
         }
-        process = LocalProcess(_free_port(), tmp_path_factory.mktemp("bedrock") / "local.log", **env)
+        process = LocalProcess(free_port(), tmp_path_factory.mktemp("bedrock") / "local.log", **env)
         try:
             process.start()
             yield {"process": process, "bedrock": bedrock, "alpha": alpha, "beta": beta}
@@ -300,7 +294,7 @@ def test_a_model_served_twice_is_refused_at_start_naming_both(tmp_path: Path, da
         MINICHAT_DEFAULT_MODEL="",
     )
     result = subprocess.run(
-        [sys.executable, "-m", "minichat_local", "--port", str(_free_port())],
+        [sys.executable, "-m", "minichat_local", "--port", str(free_port())],
         env=env,
         capture_output=True,
         text=True,
