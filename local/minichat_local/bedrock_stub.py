@@ -49,7 +49,6 @@ __all__ = [
     "ERROR_TYPES",
     "BedrockStub",
     "BedrockStubStats",
-    "decode_message",
     "encode_message",
     "main",
     "prompt_tokens",
@@ -89,23 +88,6 @@ def encode_message(headers: dict[str, str], payload: bytes) -> bytes:
     prelude += struct.pack("!I", binascii.crc32(prelude))
     body = prelude + head + payload
     return body + struct.pack("!I", binascii.crc32(body))
-
-
-def decode_message(data: bytes) -> tuple[dict[str, str], bytes]:
-    """The inverse of encode_message (string headers only), CRCs checked; for tests."""
-    total, head_length, prelude_crc = struct.unpack("!III", data[:12])
-    assert binascii.crc32(data[:8]) == prelude_crc and len(data) == total
-    assert binascii.crc32(data[:-4]) == struct.unpack("!I", data[-4:])[0]
-    headers, position = {}, 12
-    while position < 12 + head_length:
-        name_length = data[position]
-        name = data[position + 1 : position + 1 + name_length].decode()
-        position += 1 + name_length
-        kind, value_length = struct.unpack("!BH", data[position : position + 3])
-        assert kind == _HEADER_STRING
-        headers[name] = data[position + 3 : position + 3 + value_length].decode()
-        position += 3 + value_length
-    return headers, data[12 + head_length : -4]
 
 
 def _event(event_type: str, payload: dict[str, Any]) -> bytes:

@@ -11,12 +11,11 @@ import pytest
 
 from minichat.errors import ProviderError, ProviderTimeout
 from minichat.providers import ChatMessage, Delta, Finish, ProviderRequest, StreamItem, Usage
-from minichat.providers.bedrock import BedrockProvider
+from minichat.providers.bedrock import BedrockProvider, EventStreamDecoder
 from minichat_local.bedrock_stub import (
     ERROR_TYPES,
     BedrockStub,
     BedrockStubStats,
-    decode_message,
     encode_message,
     prompt_tokens,
 )
@@ -91,20 +90,33 @@ def _assert_safe(error: Exception) -> None:
     assert error.__cause__ is None and error.__suppress_context__
 
 
-def test_the_framing_is_what_botocore_parses() -> None:
+def test_the_stand_ins_framing_is_what_botocore_parses_and_so_does_ours() -> None:
     from botocore.eventstream import EventStreamBuffer
 
-    frame = encode_message(
-        {":event-type": "messageStop", ":message-type": "event"}, b'{"stopReason":"end_turn"}'
-    )
-    buffer = EventStreamBuffer()
-    buffer.add_data(frame[:7])
-    assert list(buffer) == []  # a partial prelude waits for more
-    buffer.add_data(frame[7:])
-    (message,) = list(buffer)
-    assert message.headers == {":event-type": "messageStop", ":message-type": "event"}
-    assert message.payload == b'{"stopReason":"end_turn"}'
-    assert decode_message(frame) == (message.headers, message.payload)
+    frames = [
+        encode_message({":event-type": "messageStart", ":message-type": "event"}, b'{"role":"assistant"}'),
+        encode_message({":event-type": "contentBlockDelta", ":message-type": "event"}, '{"t":"é"}'.encode()),
+        encode_message({":exception-type": "throttlingException", ":message-type": "exception"}, b"{}"),
+    ]
+    body = b"".join(frames)
+    reference = EventStreamBuffer()
+    reference.add_data(body)
+    expected = [(m.headers, m.payload) for m in reference]
+    assert len(expected) == 3
+    for cut in range(0, len(body), 7):  # every way the body may arrive in two pieces
+        decoder = EventStreamDecoder()
+        assert decoder.feed(body[:cut]) + decoder.feed(body[cut:]) == expected
+        assert decoder.pending == 0
+    decoder = EventStreamDecoder()
+    assert decoder.feed(body[:20]) == [] and decoder.pending == 20
+
+
+@pytest.mark.parametrize("flip", [3, 9, 30, -2])
+def test_a_corrupt_frame_is_refused(flip: int) -> None:
+    frame = bytearray(encode_message({":event-type": "metadata", ":message-type": "event"}, b"{}"))
+    frame[flip] ^= 0x40
+    with pytest.raises(Exception, match=r"CRC|length"):
+        EventStreamDecoder().feed(bytes(frame))
 
 
 def test_streams_the_text_then_finish_then_the_exact_usage(stub: tuple[BedrockStub, str]) -> None:
@@ -272,6 +284,9 @@ def test_one_client_reuses_its_connections(stub: tuple[BedrockStub, str]) -> Non
     async def body(provider: BedrockProvider) -> Any:
         for _ in range(3):
             await _collect(provider, _request("stub-tokens-3"))
+            # The answer is whole at `metadata`; the worker then reads the body's last bytes and gives the
+            # connection back: a stream started at once may find it still out and open another.
+            await asyncio.sleep(0.1)
         return provider._get_client()
 
     client = _run(url, body)
