@@ -15,7 +15,8 @@ What it does, in one run:
   100 pooled connections), then (b) through MiniChat (create, open streamUrl, read SSE to `done`). Each
   pair gives a whole-stream p50 ratio; the verdict is the median of the pairs' ratios (target ≤ 1.25) and
   no stream lost (every text compared with the stand-in's);
-- then the same 100 streams through MiniChat from the OpenAI-compatible stub, and a burst of 1-token
+- then one pair of the same 100 streams from the OpenAI-compatible stub (direct, then through MiniChat:
+  the machine's state at that moment, for comparison), and a burst of 1-token
   streams on each path, for the server CPU per relayed token, Bedrock beside OpenAI: (CPU of a 100-token
   round - 100 x the CPU of one 1-token stream) / tokens relayed.
 
@@ -236,6 +237,10 @@ async def run(args: argparse.Namespace) -> int:
             )
             await asyncio.sleep(0.3)
 
+        openai_direct = await burst(
+            "openai direct", openai_meter, expected, [client.direct(STREAM_MODEL) for _ in users]
+        )
+        await asyncio.sleep(0.3)
         openai_round = await burst(
             "openai", openai_meter, expected, [client.minichat_stream(u, STREAM_MODEL) for u in users]
         )
@@ -253,6 +258,8 @@ async def run(args: argparse.Namespace) -> int:
         )
         probe_after = benchlib.cpu_probe()
         load_after = os.getloadavg()
+        if any(b.errors() for pair in pairs for b in pair) or openai_round.errors():
+            print(f"minichat log (last lines):\n{server.tail(15)}", file=sys.stderr)
     finally:
         if direct is not None:
             direct.close()
@@ -292,6 +299,13 @@ async def run(args: argparse.Namespace) -> int:
     for d, m in pairs:
         if d.errors() or m.errors():
             print(f"  errors: direct {d.errors()} MiniChat {m.errors()}")
+    openai_ratio = pct(openai_round.totals(), 50) / pct(openai_direct.totals(), 50)
+    print(
+        f"the OpenAI-compatible path in the same run (one pair, same stand-in pacing): whole p50 "
+        f"{pct(openai_direct.totals(), 50):.3f} s direct / {pct(openai_round.totals(), 50):.3f} s MiniChat "
+        f"= {openai_ratio:.3f}x, TTFT p50 {pct(openai_round.ttfts(), 50) * 1000:.0f} ms, "
+        f"done {openai_round.completed}/{len(openai_round.results)}"
+    )
     bedrock_rounds = [m for _, m in pairs]
     bedrock_token = statistics.median(per_token_cpu(m, bedrock_setup) for m in bedrock_rounds)
     openai_token = per_token_cpu(openai_round, openai_setup)

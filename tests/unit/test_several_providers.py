@@ -236,3 +236,27 @@ def test_boto3_stays_off_the_path_that_only_lists_models() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_stream_function_builds_the_bedrock_client_in_the_background() -> None:
+    """preload (the stream function's cold start) must not wait for boto3 (about a quarter second)."""
+    code = (
+        "import sys, time\n"
+        "from minichat.config import Settings\n"
+        "from minichat.providers import ProviderRegistry\n"
+        "import minichat.providers.bedrock\n"
+        "m = 'anthropic.claude-3-5-haiku-20241022-v1:0'\n"
+        "s = Settings(bedrock_models=(m,), bedrock_region='us-east-1')\n"
+        "began = time.perf_counter()\n"
+        "r = ProviderRegistry.from_settings(s, preload=True)\n"
+        "took = time.perf_counter() - began\n"
+        "provider = r.resolve(m)\n"
+        "client = provider._warming.result(timeout=60)\n"
+        "assert client.meta.region_name == 'us-east-1'\n"
+        "assert client.meta.service_model.service_name == 'bedrock-runtime'\n"
+        "print(f'{took * 1000:.1f}')\n"
+    )
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 100, result.stdout  # ms: no boto3 import on the caller's path
