@@ -325,20 +325,24 @@ class _CorruptStream(Exception):
 def _events(event_stream: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event type, payload) of each event of a ConverseStream body.
 
-    botocore's EventStream parses each event against the service model: about 35 µs of CPU an event, in
-    a thread that shares the GIL with the event loop. The body is read here instead, from the urllib3
-    response the EventStream wraps: the framing is checked (both CRCs) and the JSON payload loaded as it
-    is, about a third of that. Without that attribute (another botocore), botocore's parsing serves.
+    botocore's EventStream parses each event against the service model (about 35 µs of CPU an event) and
+    reads it through urllib3's chunked reader (about as much again, and a socket read or two more per
+    event), in a thread that shares the GIL with the event loop. Here the body is read from the
+    http.client response under botocore's urllib3 one (read1: what has arrived, chunked framing undone),
+    the event-stream framing is checked (both CRCs) and the JSON payload loaded as it is: a third of the
+    CPU and of the context switches per event. Without those attributes (another botocore or urllib3),
+    botocore's own parsing serves.
     """
-    raw = getattr(event_stream, "_raw_stream", None)
-    if raw is None or not hasattr(raw, "stream"):
+    raw: Any = getattr(event_stream, "_raw_stream", None)
+    read1 = getattr(getattr(raw, "_fp", None), "read1", None)
+    if read1 is None or not hasattr(raw, "release_conn"):
         for event in event_stream:
             yield from event.items()
         return
     decoder = EventStreamDecoder()
     loads = json.loads
-    for chunk in raw.stream():
-        for headers, payload in decoder.feed(chunk):
+    while block := read1(65536):
+        for headers, payload in decoder.feed(block):
             if headers.get(":message-type") != "event":
                 raise _StreamException(
                     str(headers.get(":exception-type") or headers.get(":error-code") or "")
@@ -346,6 +350,7 @@ def _events(event_stream: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             yield str(headers.get(":event-type")), loads(payload)
     if decoder.pending:
         raise _CorruptStream("the body ended inside a message")
+    raw.release_conn()  # read to its end: the connection goes back to the pool for the next stream
 
 
 class EventStreamDecoder:
