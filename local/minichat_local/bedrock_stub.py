@@ -23,25 +23,24 @@ in-stream `modelStreamErrorException`), `stub-drop-after-3` (cut the connection)
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import binascii
 import json
 import struct
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
-
-import uvicorn
 
 from minichat_local.openai_stub import (
     ERROR_BODY_MARKER,
     Behavior,
-    add_behavior_options,
-    behavior_from_args,
+    ScriptedFailure,
+    StubStats,
+    read_body,
+    scripted_tokens,
+    serve_cli,
     stub_token,
 )
 
@@ -70,7 +69,6 @@ ERROR_TYPES = {
     500: "InternalServerException",
     503: "ServiceUnavailableException",
 }
-_YIELD_EVERY = 16
 _HEADER_STRING = 7
 
 
@@ -117,19 +115,10 @@ def prompt_tokens(request: dict[str, Any]) -> int:
 
 
 @dataclass
-class BedrockStubStats:
-    """Counters for assertions and benchmarks; written only by the server's loop."""
+class BedrockStubStats(StubStats):
+    """The OpenAI stub's counters, plus the model id of the last request (it travels in the path)."""
 
-    requests: int = 0
-    completed: int = 0  # streams that sent metadata
-    disconnected: int = 0  # streams whose client left before the end
-    active: int = 0
-    max_active: int = 0
-    last_request: dict[str, Any] = field(default_factory=dict)
     last_model: str = ""
-    last_authorization: str | None = None
-    disconnect_times: list[float] = field(default_factory=list)  # time.monotonic() when each was seen
-    clients: set[tuple[str, int]] = field(default_factory=set)  # distinct client sockets: pool reuse
 
 
 class BedrockStub:
@@ -151,56 +140,21 @@ class BedrockStub:
             await _error(send, 404, "UnknownOperationException", "no such operation")
             return
         model = unquote(path[len("/model/") : -len("/converse-stream")])
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         try:
-            request = json.loads(body)
+            request = json.loads(await read_body(receive))
             behavior = self.behavior.for_model(model)
         except ValueError as exc:
             await _error(send, 400, "ValidationException", f"{ERROR_BODY_MARKER}: {exc}")
             return
 
-        stats = self.stats
-        stats.requests += 1
-        stats.last_request = request
-        stats.last_model = model
-        if scope.get("client"):
-            stats.clients.add(tuple(scope["client"]))
-        authorization = dict(scope["headers"]).get(b"authorization")
-        stats.last_authorization = authorization.decode() if authorization else None
+        self.stats.record(scope, request)
+        self.stats.last_model = model
         if behavior.error is not None:
             kind = ERROR_TYPES.get(behavior.error, "InternalServerException")
             await _error(send, behavior.error, kind, f"{ERROR_BODY_MARKER}: scripted {kind} for {model}")
             return
 
-        stats.active += 1
-        stats.max_active = max(stats.max_active, stats.active)
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, gone, stats))
-        try:
-            finished = await _stream(send, gone, request=request, behavior=behavior)
-        finally:
-            watcher.cancel()
-            stats.active -= 1
-        if finished:
-            stats.completed += 1
-        elif gone.is_set():
-            stats.disconnected += 1
-
-    def disconnects_after(self, moment: float) -> list[float]:
-        """Seconds from `moment` (time.monotonic()) to each disconnect seen since."""
-        return [t - moment for t in self.stats.disconnect_times if t >= moment]
-
-
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stats: BedrockStubStats) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    stats.disconnect_times.append(time.monotonic())
-    gone.set()
+        await self.stats.follow(receive, lambda gone: _stream(send, gone, request=request, behavior=behavior))
 
 
 async def _stream(send: Send, gone: asyncio.Event, *, request: dict[str, Any], behavior: Behavior) -> bool:
@@ -224,37 +178,18 @@ async def _stream(send: Send, gone: asyncio.Event, *, request: dict[str, Any], b
 
     started = time.monotonic()
     await frame(_event("messageStart", {"role": "assistant"}))
-    if behavior.ttft_ms:
-        with suppress(TimeoutError):
-            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for index in range(count):
-        if gone.is_set():
-            return False
-        if index == behavior.stall_after:
-            await gone.wait()
-            return False
-        if index == behavior.drop_after:
-            return False  # the server cuts the connection mid-body
-        if index == behavior.fail_after:
+    sent = 0
+    try:
+        async for index in scripted_tokens(behavior, count, gone):
             await frame(
-                _exception("modelStreamErrorException", f"{ERROR_BODY_MARKER}: scripted failure"), more=False
+                _event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": stub_token(index)}})
             )
-            return False
-        if behavior.rate:
-            delay = start + index / behavior.rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        await frame(
-            _event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": stub_token(index)}})
-        )
-    if behavior.stall_after is not None and behavior.stall_after >= count:
-        await gone.wait()
+            sent += 1
+    except ScriptedFailure:
+        failure = _exception("modelStreamErrorException", f"{ERROR_BODY_MARKER}: scripted failure")
+        await frame(failure, more=False)
         return False
-    if gone.is_set():
+    if sent < count or gone.is_set():
         return False
     input_tokens = prompt_tokens(request)
     await frame(
@@ -297,17 +232,7 @@ async def _error(send: Send, status: int, kind: str, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m minichat_local.bedrock_stub`: serve the stand-in until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="minichat_local.bedrock_stub", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8101)
-    add_behavior_options(parser)
-    args = parser.parse_args(argv)
-    behavior = behavior_from_args(args)
-    config = uvicorn.Config(
-        BedrockStub(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
-    )
-    print(f"Bedrock stand-in on http://{args.host}:{args.port} ({behavior})", flush=True)
-    uvicorn.Server(config).run()
+    serve_cli(argv, prog="minichat_local.bedrock_stub", port=8101, make_app=BedrockStub)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -33,11 +33,15 @@ __all__ = [
     "ERROR_BODY_MARKER",
     "Behavior",
     "OpenAIStub",
+    "ScriptedFailure",
     "StubStats",
     "add_behavior_options",
     "behavior_from_args",
     "main",
     "prompt_tokens",
+    "read_body",
+    "scripted_tokens",
+    "serve_cli",
     "serve_stub",
     "stub_text",
     "stub_token",
@@ -120,11 +124,42 @@ class StubStats:
     last_request: dict[str, Any] = field(default_factory=dict)
     last_authorization: str | None = None
     clients: set[tuple[str, int]] = field(default_factory=set)  # distinct client sockets: pool reuse
+    disconnect_times: list[float] = field(default_factory=list)  # time.monotonic() when each was seen
 
     @property
     def connections(self) -> int:
         """How many distinct TCP connections the requests came over."""
         return len(self.clients)
+
+    def disconnects_after(self, moment: float) -> list[float]:
+        """Seconds from `moment` (time.monotonic()) to each disconnect seen since."""
+        return [t - moment for t in self.disconnect_times if t >= moment]
+
+    def record(self, scope: Scope, request: dict[str, Any]) -> None:
+        """Count a request that reached the model."""
+        self.requests += 1
+        self.last_request = request
+        if scope.get("client"):
+            self.clients.add(tuple(scope["client"]))
+        authorization = dict(scope["headers"]).get(b"authorization")
+        self.last_authorization = authorization.decode() if authorization else None
+
+    async def follow(self, receive: Receive, send_stream: Callable[[asyncio.Event], Awaitable[bool]]) -> None:
+        """Count a stream while `send_stream(gone)` sends it (True: it reached its end); `gone` is set
+        when the client leaves."""
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone, self))
+        try:
+            finished = await send_stream(gone)
+        finally:
+            watcher.cancel()
+            self.active -= 1
+        if finished:
+            self.completed += 1
+        elif gone.is_set():
+            self.disconnected += 1
 
 
 def stub_text(tokens: int) -> str:
@@ -160,29 +195,15 @@ class OpenAIStub:
             await _error(send, 404, "not found")
             return
 
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         try:
-            request = json.loads(body)
+            request = json.loads(await read_body(receive))
             model = str(request["model"])
             behavior = self.behavior.for_model(model)
         except (ValueError, KeyError, TypeError) as exc:
             await _error(send, 400, f"bad request: {exc}")
             return
 
-        stats = self.stats
-        stats.requests += 1
-        stats.last_request = request
-        if scope.get("client"):
-            stats.clients.add(tuple(scope["client"]))
-        headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization")
-        stats.last_authorization = authorization.decode() if authorization else None
-
+        self.stats.record(scope, request)
         if behavior.error is not None:
             await _error(send, behavior.error, f"{ERROR_BODY_MARKER}: scripted HTTP {behavior.error}")
             return
@@ -191,25 +212,61 @@ class OpenAIStub:
             await _json(send, 200, _completion(model, request=request, behavior=behavior, limit=limit))
             return
 
-        stats.active += 1
-        stats.max_active = max(stats.max_active, stats.active)
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
-        try:
-            finished = await _stream(send, gone, model=model, request=request, behavior=behavior, limit=limit)
-        finally:
-            watcher.cancel()
-            stats.active -= 1
-        if finished:
-            stats.completed += 1
-        elif gone.is_set():
-            stats.disconnected += 1
+        await self.stats.follow(
+            receive,
+            lambda gone: _stream(send, gone, model=model, request=request, behavior=behavior, limit=limit),
+        )
 
 
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stats: StubStats) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    stats.disconnect_times.append(time.monotonic())
     gone.set()
+
+
+class ScriptedFailure(Exception):
+    """The behaviour's `fail_after` token was reached: the stub sends its in-stream error."""
+
+
+async def scripted_tokens(behavior: Behavior, count: int, gone: asyncio.Event) -> AsyncIterator[int]:
+    """The indexes of the tokens to send, when `behavior` says (first-token wait, rate); stops early when
+    the client leaves, at a stall (once the client left) or at a drop; ScriptedFailure at `fail_after`.
+    A caller that got fewer than `count` tokens, or whose client is gone, ends the body unfinished."""
+    if behavior.ttft_ms:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index in range(count):
+        if gone.is_set():
+            return
+        if index == behavior.stall_after:
+            await gone.wait()
+            return
+        if index == behavior.drop_after:
+            return  # ending without finishing the body makes the server cut the connection mid-stream
+        if index == behavior.fail_after:
+            raise ScriptedFailure
+        if behavior.rate:
+            delay = start + index / behavior.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        yield index
+    if behavior.stall_after is not None and behavior.stall_after >= count:
+        await gone.wait()
 
 
 async def _stream(
@@ -243,38 +300,19 @@ async def _stream(
         await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
 
     await frame(head + _ROLE_CHOICE + tail)
-    if behavior.ttft_ms:
-        with suppress(TimeoutError):
-            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for index in range(count):
-        if gone.is_set():
-            return False
-        if index == behavior.stall_after:
-            await gone.wait()
-            return False
-        if index == behavior.drop_after:
-            # Returning without finishing the body makes the server cut the connection mid-stream.
-            return False
-        if index == behavior.fail_after:
-            error = {"error": {"message": f"{ERROR_BODY_MARKER}: scripted failure", "type": "server_error"}}
-            await frame(f"data: {json.dumps(error)}{end}", more=False)
-            return False
-        if behavior.rate:
-            delay = start + index / behavior.rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        content = json.dumps(stub_token(index), ensure_ascii=False)
-        await frame(
-            f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
-        )
-    if behavior.stall_after is not None and behavior.stall_after >= count:
-        await gone.wait()
+    sent = 0
+    try:
+        async for index in scripted_tokens(behavior, count, gone):
+            content = json.dumps(stub_token(index), ensure_ascii=False)
+            await frame(
+                f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
+            )
+            sent += 1
+    except ScriptedFailure:
+        error = {"error": {"message": f"{ERROR_BODY_MARKER}: scripted failure", "type": "server_error"}}
+        await frame(f"data: {json.dumps(error)}{end}", more=False)
         return False
-    if gone.is_set():
+    if sent < count or gone.is_set():
         return False
     finish = f'{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{finish_reason}"}}'
     if include_usage and behavior.usage_inline:
@@ -394,19 +432,24 @@ def behavior_from_args(args: argparse.Namespace) -> Behavior:
     return Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m minichat_local.openai_stub`: serve the stub until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="minichat_local.openai_stub", description=__doc__.split("\n\n")[0])
+def serve_cli(argv: list[str] | None, *, prog: str, port: int, make_app: Callable[[Behavior], Any]) -> None:
+    """A stub's command line: --host, --port and the Behavior options; serves until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"Serve {prog} (see its module docstring).")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--port", type=int, default=port)
     add_behavior_options(parser)
     args = parser.parse_args(argv)
     behavior = behavior_from_args(args)
     config = uvicorn.Config(
-        OpenAIStub(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
+        make_app(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
     )
-    print(f"OpenAI stub on http://{args.host}:{args.port}/v1 ({behavior})", flush=True)
+    print(f"{prog} on http://{args.host}:{args.port} ({behavior})", flush=True)
     uvicorn.Server(config).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minichat_local.openai_stub`: serve the stub on /v1 until Ctrl-C."""
+    serve_cli(argv, prog="minichat_local.openai_stub", port=8100, make_app=OpenAIStub)
 
 
 if __name__ == "__main__":

@@ -161,9 +161,9 @@ def test_cancel_while_bedrock_is_silent_closes_the_upstream_within_250_ms(
         r = api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 3
-        while not bedrock.disconnects_after(asked) and time.monotonic() < deadline:
+        while not bedrock.stats.disconnects_after(asked) and time.monotonic() < deadline:
             time.sleep(0.002)
-        closed = bedrock.disconnects_after(asked)
+        closed = bedrock.stats.disconnects_after(asked)
         assert closed, "the stand-in never saw the connection close"
         print(f"cancel → Bedrock connection closed in {closed[0] * 1000:.1f} ms")
         assert closed[0] < 0.25

@@ -240,9 +240,9 @@ def test_closing_the_stream_while_bedrock_is_silent_closes_the_connection(
             await task
         await stream.aclose()
         returned = time.monotonic() - began
-        while not app.disconnects_after(began) and time.monotonic() - began < 2:
+        while not app.stats.disconnects_after(began) and time.monotonic() - began < 2:
             await asyncio.sleep(0.001)
-        closed = app.disconnects_after(began)
+        closed = app.stats.disconnects_after(began)
         assert closed, "the stand-in never saw the connection close"
         return returned, closed[0]
 
