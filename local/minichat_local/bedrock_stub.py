@@ -28,7 +28,6 @@ import binascii
 import json
 import struct
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -36,7 +35,10 @@ from urllib.parse import unquote
 from minichat_local.openai_stub import (
     ERROR_BODY_MARKER,
     Behavior,
+    Receive,
+    Scope,
     ScriptedFailure,
+    Send,
     StubStats,
     read_body,
     scripted_tokens,
@@ -52,11 +54,6 @@ __all__ = [
     "main",
     "prompt_tokens",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # HTTP status → the error type Bedrock names in `x-amzn-ErrorType`.
 ERROR_TYPES = {
