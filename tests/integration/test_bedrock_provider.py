@@ -275,7 +275,7 @@ def test_the_event_loop_never_waits_on_boto3(stub: tuple[BedrockStub, str]) -> N
 
     worst = _run(url, body)
     print(f"worst loop tick with 8 stalled Bedrock reads: {worst * 1000:.1f} ms (sleep 5 ms)")
-    assert worst < 0.1
+    assert worst < 0.25  # a read on the loop would stall it for the whole silence (seconds)
 
 
 def test_one_client_reuses_its_connections(stub: tuple[BedrockStub, str]) -> None:
