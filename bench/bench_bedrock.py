@@ -9,7 +9,7 @@ What it does, in one run:
   (MINICHAT_BEDROCK_ENDPOINT_URL, dummy AWS credentials), each in its own session, on their own database
   (`minichat_bench_bedrock`, recreated, dropped at the end), Redis db (MINICHAT_BENCH_REDIS_DB, 11) and
   RabbitMQ vhost;
-- registers 100 users, one chat each;
+- registers 100 users, one chat each; one pair of rounds (below) unmeasured, to warm both sides' pools;
 - interleaved pairs of rounds: 100 concurrent Bedrock streams of `stub-tokens-100-rate-50` (100 tokens at
   50 tokens/s) read (a) directly with boto3 `converse_stream` from this process (100 threads, one client,
   100 pooled connections), then (b) through MiniChat (create, open streamUrl, read SSE to `done`). Each
@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
 import bench_stream
 import psycopg
 from bench_stream import Burst, Client, Cpu, CpuMeter, StreamResult, User, burst, pct, register
@@ -118,6 +119,20 @@ class DirectBedrock:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+
+async def keep_alive_below_the_servers(client: Client) -> None:
+    """Pooled connections are not reused after 3 s idle. uvicorn closes a connection idle for 5 s, and a
+    create's connection sits idle about that long here (its stream, a direct round, two pauses): reused
+    as the server closes it, a request fails with ServerDisconnectedError, a stream lost to the client
+    and not to MiniChat."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+    for name in ("session", "direct_session"):
+        await getattr(client, name).close()
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)
+        setattr(
+            client, name, aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        )
 
 
 def server_env(*, openai_url: str, bedrock_url: str) -> dict[str, str]:
@@ -201,6 +216,7 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.1)
         await server.wait_ready(f"http://127.0.0.1:{api_port}/api/health")
         client = Client(upstream=openai_url, minichat=f"http://127.0.0.1:{api_port}")
+        await keep_alive_below_the_servers(client)
         direct = DirectBedrock(bedrock_url, args.streams)
         bedrock_meter = CpuMeter(server.proc.pid, bedrock.proc.pid)
         openai_meter = CpuMeter(server.proc.pid, openai.proc.pid)
@@ -218,6 +234,16 @@ async def run(args: argparse.Namespace) -> int:
             if not check.ok or check.text != stub_text(1):
                 raise BenchError(f"a first stream failed: {check}")
 
+        # One pair unmeasured: both sides open their 100 connections and start their reader threads (a
+        # process that serves traffic has them), so the first measured pair is not the odd one out.
+        await burst("warm-up", bedrock_meter, expected, [direct.stream(BEDROCK_STREAM_MODEL) for _ in users])
+        await burst(
+            "warm-up",
+            bedrock_meter,
+            expected,
+            [client.minichat_stream(u, BEDROCK_STREAM_MODEL) for u in users],
+        )
+        log("warm-up pair done")
         pairs: list[tuple[Burst, Burst]] = []
         for number in range(1, args.pairs + 1):
             plain = await burst(
