@@ -45,6 +45,7 @@ from bench_stream import Burst, Client, Cpu, CpuMeter, StreamResult, User, burst
 
 import benchlib
 from benchlib import BenchError, free_port
+from minichat.providers.bedrock import BedrockProvider
 from minichat_local.openai_stub import stub_text
 
 PG_ADMIN_URL = bench_stream.PG_ADMIN_URL
@@ -77,16 +78,11 @@ class DirectBedrock:
     """The baseline: boto3 `converse_stream` straight to the stand-in, one thread per stream."""
 
     def __init__(self, endpoint_url: str, streams: int) -> None:
-        import boto3
-        from botocore.config import Config
-
         os.environ.update(CREDENTIALS)
-        self.client = boto3.session.Session().client(
-            "bedrock-runtime",
-            region_name=REGION,
-            endpoint_url=endpoint_url,
-            config=Config(max_pool_connections=streams, retries={"total_max_attempts": 1}, read_timeout=60),
-        )
+        # The very client MiniChat's provider builds (pool, timeouts, retries): only the reading differs.
+        self.client = BedrockProvider(
+            models=[BEDROCK_STREAM_MODEL], region=REGION, endpoint_url=endpoint_url, max_streams=streams
+        ).client()
         self.executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="direct-bedrock")
 
     def read(self, model: str) -> StreamResult:

@@ -229,7 +229,9 @@ async def _error(send: Send, status: int, kind: str, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m minichat_local.bedrock_stub`: serve the stand-in until Ctrl-C."""
-    serve_cli(argv, prog="minichat_local.bedrock_stub", port=8101, make_app=BedrockStub)
+    # AWS endpoints keep an idle connection open about a minute, uvicorn 5 s by default: a client that
+    # reuses one as it is closed sees ConnectionClosedError, which Bedrock itself would not cause.
+    serve_cli(argv, prog="minichat_local.bedrock_stub", port=8101, make_app=BedrockStub, keep_alive_s=60)
 
 
 if __name__ == "__main__":

@@ -432,7 +432,14 @@ def behavior_from_args(args: argparse.Namespace) -> Behavior:
     return Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
 
 
-def serve_cli(argv: list[str] | None, *, prog: str, port: int, make_app: Callable[[Behavior], Any]) -> None:
+def serve_cli(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    port: int,
+    make_app: Callable[[Behavior], Any],
+    keep_alive_s: int = 5,
+) -> None:
     """A stub's command line: --host, --port and the Behavior options; serves until Ctrl-C."""
     parser = argparse.ArgumentParser(prog=prog, description=f"Serve {prog} (see its module docstring).")
     parser.add_argument("--host", default="127.0.0.1")
@@ -441,7 +448,12 @@ def serve_cli(argv: list[str] | None, *, prog: str, port: int, make_app: Callabl
     args = parser.parse_args(argv)
     behavior = behavior_from_args(args)
     config = uvicorn.Config(
-        make_app(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
+        make_app(behavior),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=keep_alive_s,
     )
     print(f"{prog} on http://{args.host}:{args.port} ({behavior})", flush=True)
     uvicorn.Server(config).run()

@@ -287,7 +287,7 @@ def test_one_client_reuses_its_connections(stub: tuple[BedrockStub, str]) -> Non
             # The answer is whole at `metadata`; the worker then reads the body's last bytes and gives the
             # connection back: a stream started at once may find it still out and open another.
             await asyncio.sleep(0.1)
-        return provider._get_client()
+        return provider.client()
 
     client = _run(url, body)
     assert app.stats.completed == 3

@@ -116,7 +116,7 @@ class BedrockProvider:
     def preload(self) -> None:
         """Import boto3 and build the client in a worker thread, off the cold start's critical path."""
         if self._client is None and self._warming is None:
-            self._warming = self._pool().submit(self._get_client)
+            self._warming = self._pool().submit(self.client)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -126,7 +126,8 @@ class BedrockProvider:
             )
         return self._executor
 
-    def _get_client(self) -> Any:
+    def client(self) -> Any:
+        """The process's boto3 `bedrock-runtime` client, built on first use (thread-safe)."""
         with self._client_lock:
             if self._client is None:
                 import boto3
@@ -213,7 +214,7 @@ class BedrockProvider:
         event_stream: Any = None
         clean = False
         try:
-            client = self._get_client()
+            client = self.client()
             if call.aborted:
                 return
             event_stream = client.converse_stream(**arguments)["stream"]
