@@ -166,7 +166,9 @@ def test_model_limits_from_the_environment() -> None:
         "MINICHAT_OPENAI_MODELS": "gpt-4o,local",
         "MINICHAT_MODEL_LIMITS": json.dumps({"local": {"contextTokens": 8192, "maxOutputTokens": 1024}}),
     }
-    registry = ProviderRegistry.from_settings(Settings.from_env(env))
+    settings = Settings.from_env(env)
+    assert settings.model_limits == (("local", 8192, 1024),) and hash(settings)
+    registry = ProviderRegistry.from_settings(settings)
     assert registry.limits("local") == ModelLimits(8192, 1024)
     assert registry.list_models()[1] == {
         "id": "local",

@@ -110,15 +110,15 @@ def _openai_servers(env: Mapping[str, str]) -> tuple[OpenAIServer, ...]:
     return tuple(servers)
 
 
-def _model_limits(env: Mapping[str, str]) -> dict[str, tuple[int | None, int | None]]:
+def _model_limits(env: Mapping[str, str]) -> tuple[tuple[str, int | None, int | None], ...]:
     """MINICHAT_MODEL_LIMITS: {"<model id>": {"contextTokens": n, "maxOutputTokens": n}}, either optional."""
     var = "MINICHAT_MODEL_LIMITS"
     raw = _json(env, var)
     if raw is None:
-        return {}
+        return ()
     if not isinstance(raw, dict):
         raise ConfigError(f"{var} must be a JSON object keyed by model id")
-    limits: dict[str, tuple[int | None, int | None]] = {}
+    limits: list[tuple[str, int | None, int | None]] = []
     for model, entry in raw.items():
         if not isinstance(entry, dict) or not entry or set(entry) - set(_LIMIT_KEYS):
             raise ConfigError(f"{var}[{model!r}] must be an object with contextTokens and/or maxOutputTokens")
@@ -128,8 +128,8 @@ def _model_limits(env: Mapping[str, str]) -> dict[str, tuple[int | None, int | N
             if value is not None and (type(value) is not int or not low <= value <= high):
                 raise ConfigError(f"{var}[{model!r}].{key} must be an integer from {low} to {high}")
             values.append(value)
-        limits[model] = (values[0], values[1])
-    return limits
+        limits.append((model, values[0], values[1]))
+    return tuple(limits)
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,9 @@ class Settings:
     bedrock_region: str | None = None
     bedrock_endpoint_url: str | None = None
     bedrock_max_streams: int = 128
-    model_limits: Mapping[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    # (model id, context tokens, max output tokens), None where the known limits hold: a tuple, so that
+    # Settings stays hashable.
+    model_limits: tuple[tuple[str, int | None, int | None], ...] = ()
     default_model: str | None = None
     context_tokens: int = 16_000
     provider_first_token_timeout: float = 60.0

@@ -87,8 +87,9 @@ class ProviderRegistry:
         `preload`: right for the function that streams, at cold start, wrong for one that only lists or
         checks models.
         """
+        overrides = {model: (context, output) for model, context, output in settings.model_limits}
         limit = functools.partial(
-            limits_for, overrides=settings.model_limits, default_context_tokens=settings.context_tokens
+            limits_for, overrides=overrides, default_context_tokens=settings.context_tokens
         )
         providers: list[Provider] = []
         servers: list[tuple[str, OpenAIServer]] = []
@@ -141,7 +142,7 @@ class ProviderRegistry:
         return cls(
             providers,
             default_model=default,
-            limit_overrides=settings.model_limits,
+            limit_overrides=overrides,
             default_context_tokens=settings.context_tokens,
         )
 
