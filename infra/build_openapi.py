@@ -236,7 +236,31 @@ def build() -> dict[str, Any]:
                 },
             }
         ),
-        "Model": obj({"id": {"type": "string"}, "provider": {"type": "string"}}),
+        "Model": obj(
+            {
+                "id": {
+                    "type": "string",
+                    "description": "The id to pass as `model` when creating a generation.",
+                },
+                "provider": {
+                    "type": "string",
+                    "enum": ["openai", "bedrock", "mock"],
+                    "description": "`openai`: any OpenAI-compatible server; `bedrock`: Amazon Bedrock "
+                    "(ConverseStream); `mock`: the built-in test models.",
+                },
+                "contextTokens": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The model's context window (prompt and answer). Older turns of a chat "
+                    "are left out of the prompt once it would not fit.",
+                },
+                "maxOutputTokens": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The longest answer the model writes (its `maxTokens` at most).",
+                },
+            }
+        ),
         "ModelList": obj({"items": {"type": "array", "items": ref("Model")}}),
         "UsageTokens": obj({"inputTokens": TOKENS, "outputTokens": TOKENS}),
         "UsageDay": obj(

@@ -348,12 +348,32 @@ async function boot() {
 
 // ---- models and settings ------------------------------------------------------------------------------
 
+// What the picker calls each provider of GET /api/models (an unknown one shows as it is).
+const PROVIDER_NAMES = { bedrock: "Amazon Bedrock", openai: "OpenAI-compatible", mock: "Built-in test models" };
+
+function tokens(n) {
+  return n >= 1000 ? `${Math.round(n / 1000)}k` : String(n);
+}
+
+// The models grouped by provider, in the server's order: the group's label names the provider, each
+// option's tooltip its limits.
+function modelOptions(items) {
+  const groups = new Map();
+  for (const m of items) {
+    if (!groups.has(m.provider)) groups.set(m.provider, []);
+    const title = m.contextTokens ? `${PROVIDER_NAMES[m.provider] || m.provider} · ${tokens(m.contextTokens)} context, ${tokens(m.maxOutputTokens)} max answer` : undefined;
+    groups.get(m.provider).push(h("option", { value: m.id, text: m.id, title, dataset: { provider: m.provider } }));
+  }
+  return [...groups].map(([provider, options]) =>
+    h("optgroup", { label: PROVIDER_NAMES[provider] || provider, dataset: { provider } }, options));
+}
+
 async function loadModels() {
   try {
     const { items } = await api.models();
     state.models = items;
     const select = $("model-select");
-    select.replaceChildren(...items.map((m) => h("option", { value: m.id, text: m.id })));
+    select.replaceChildren(...modelOptions(items));
     if (!items.some((m) => m.id === state.model)) state.model = items[0] ? items[0].id : "";
     select.value = state.model;
   } catch (e) {

@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from minichat.errors import ConfigError
     from minichat.log import setup_logging
     from minichat.migrate import apply_migrations, ensure_database
+    from minichat.providers import ProviderRegistry
     from minichat_local.preflight import check_services
 
     try:
         settings = get_settings()
         _ = settings.jwt_secret
+        ProviderRegistry.from_settings(settings)  # a model served twice, an unknown default: refused now
     except ConfigError as exc:
         print(f"minichat: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -35,11 +35,18 @@ __all__ = [
     "ERROR_BODY_MARKER",
     "Behavior",
     "OpenAIStub",
+    "ScriptedFailure",
     "StubStats",
+    "add_behavior_options",
+    "behavior_from_args",
     "main",
     "prompt_tokens",
+    "read_body",
+    "scripted_tokens",
+    "serve_cli",
     "serve_stub",
     "stub_text",
+    "stub_token",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -96,7 +103,7 @@ class Behavior:
 
     def token(self, index: int) -> str:
         """The text token `index` carries (as a client's JSON parser reads it)."""
-        text = _token(index)
+        text = stub_token(index)
         if len(text) < self.token_chars:
             text += "x" * (self.token_chars - len(text))
         if index == self.nul_at:
@@ -140,19 +147,51 @@ class StubStats:
     last_request: dict[str, Any] = field(default_factory=dict)
     last_authorization: str | None = None
     clients: set[tuple[str, int]] = field(default_factory=set)  # distinct client sockets: pool reuse
+    disconnect_times: list[float] = field(default_factory=list)  # time.monotonic() when each was seen
 
     @property
     def connections(self) -> int:
         """How many distinct TCP connections the requests came over."""
         return len(self.clients)
 
+    def disconnects_after(self, moment: float) -> list[float]:
+        """Seconds from `moment` (time.monotonic()) to each disconnect seen since."""
+        return [t - moment for t in self.disconnect_times if t >= moment]
+
+    def record(self, scope: Scope, request: dict[str, Any]) -> None:
+        """Count a request that reached the model."""
+        self.requests += 1
+        self.last_request = request
+        if scope.get("client"):
+            self.clients.add(tuple(scope["client"]))
+        authorization = dict(scope["headers"]).get(b"authorization")
+        self.last_authorization = authorization.decode() if authorization else None
+
+    async def follow(self, receive: Receive, send_stream: Callable[[asyncio.Event], Awaitable[bool]]) -> None:
+        """Count a stream while `send_stream(gone)` sends it (True: it reached its end); `gone` is set
+        when the client leaves."""
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone, self))
+        try:
+            finished = await send_stream(gone)
+        finally:
+            watcher.cancel()
+            self.active -= 1
+        if finished:
+            self.completed += 1
+        elif gone.is_set():
+            self.disconnected += 1
+
 
 def stub_text(tokens: int) -> str:
     """The exact text a stream of `tokens` tokens carries: "w0 w1 w2 ..."."""
-    return "".join(_token(i) for i in range(tokens))
+    return "".join(stub_token(i) for i in range(tokens))
 
 
-def _token(index: int) -> str:
+def stub_token(index: int) -> str:
+    """Token `index` of a stub stream."""
     return f" w{index}" if index else "w0"
 
 
@@ -179,29 +218,15 @@ class OpenAIStub:
             await _error(send, 404, "not found")
             return
 
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         try:
-            request = json.loads(body)
+            request = json.loads(await read_body(receive))
             model = str(request["model"])
             behavior = self.behavior.for_model(model)
         except (ValueError, KeyError, TypeError) as exc:
             await _error(send, 400, f"bad request: {exc}")
             return
 
-        stats = self.stats
-        stats.requests += 1
-        stats.last_request = request
-        if scope.get("client"):
-            stats.clients.add(tuple(scope["client"]))
-        headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization")
-        stats.last_authorization = authorization.decode() if authorization else None
-
+        self.stats.record(scope, request)
         if behavior.error is not None:
             await _error(send, behavior.error, f"{ERROR_BODY_MARKER}: scripted HTTP {behavior.error}")
             return
@@ -210,25 +235,61 @@ class OpenAIStub:
             await _json(send, 200, _completion(model, request=request, behavior=behavior, limit=limit))
             return
 
-        stats.active += 1
-        stats.max_active = max(stats.max_active, stats.active)
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
-        try:
-            finished = await _stream(send, gone, model=model, request=request, behavior=behavior, limit=limit)
-        finally:
-            watcher.cancel()
-            stats.active -= 1
-        if finished:
-            stats.completed += 1
-        elif gone.is_set():
-            stats.disconnected += 1
+        await self.stats.follow(
+            receive,
+            lambda gone: _stream(send, gone, model=model, request=request, behavior=behavior, limit=limit),
+        )
 
 
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, stats: StubStats) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    stats.disconnect_times.append(time.monotonic())
     gone.set()
+
+
+class ScriptedFailure(Exception):
+    """The behaviour's `fail_after` token was reached: the stub sends its in-stream error."""
+
+
+async def scripted_tokens(behavior: Behavior, count: int, gone: asyncio.Event) -> AsyncIterator[int]:
+    """The indexes of the tokens to send, when `behavior` says (first-token wait, rate); stops early when
+    the client leaves, at a stall (once the client left) or at a drop; ScriptedFailure at `fail_after`.
+    A caller that got fewer than `count` tokens, or whose client is gone, ends the body unfinished."""
+    if behavior.ttft_ms:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index in range(count):
+        if gone.is_set():
+            return
+        if index == behavior.stall_after:
+            await gone.wait()
+            return
+        if index == behavior.drop_after:
+            return  # ending without finishing the body makes the server cut the connection mid-stream
+        if index == behavior.fail_after:
+            raise ScriptedFailure
+        if behavior.rate:
+            delay = start + index / behavior.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        yield index
+    if behavior.stall_after is not None and behavior.stall_after >= count:
+        await gone.wait()
 
 
 async def _stream(
@@ -262,39 +323,20 @@ async def _stream(
         await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
 
     await frame(head + _ROLE_CHOICE + tail)
-    if behavior.ttft_ms:
-        with suppress(TimeoutError):
-            await asyncio.wait_for(gone.wait(), behavior.ttft_ms / 1000)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for index in range(count):
-        if gone.is_set():
-            return False
-        if index == behavior.stall_after:
-            await gone.wait()
-            return False
-        if index == behavior.drop_after:
-            # Returning without finishing the body makes the server cut the connection mid-stream.
-            return False
-        if index == behavior.fail_after:
-            error = {"error": {"message": f"{ERROR_BODY_MARKER}: scripted failure", "type": "server_error"}}
-            await frame(f"data: {json.dumps(error)}{end}", more=False)
-            return False
-        if behavior.rate:
-            delay = start + index / behavior.rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        elif index % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        # A lone surrogate has no UTF-8 form: it can only travel as its JSON escape.
-        content = json.dumps(behavior.token(index), ensure_ascii=index == behavior.surrogate_at)
-        await frame(
-            f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
-        )
-    if behavior.stall_after is not None and behavior.stall_after >= count:
-        await gone.wait()
+    sent = 0
+    try:
+        async for index in scripted_tokens(behavior, count, gone):
+            # A lone surrogate has no UTF-8 form: it can only travel as its JSON escape.
+            content = json.dumps(behavior.token(index), ensure_ascii=index == behavior.surrogate_at)
+            await frame(
+                f'{head}{{"index":0,"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}{tail}'
+            )
+            sent += 1
+    except ScriptedFailure:
+        error = {"error": {"message": f"{ERROR_BODY_MARKER}: scripted failure", "type": "server_error"}}
+        await frame(f"data: {json.dumps(error)}{end}", more=False)
         return False
-    if gone.is_set():
+    if sent < count or gone.is_set():
         return False
     finish = f'{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{finish_reason}"}}'
     if include_usage and behavior.usage_inline:
@@ -368,8 +410,11 @@ async def _error(send: Send, status: int, message: str) -> None:
 
 
 @contextmanager
-def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` from a background thread (port 0 = a free one); yields the base URL, ".../v1"."""
+def serve_stub(
+    app: Any = None, *, host: str = "127.0.0.1", port: int = 0, path: str = "/v1"
+) -> Iterator[str]:
+    """Serve `app` (an ASGI app; the OpenAI stub by default) from a background thread (port 0 = a free
+    one); yields the base URL, "http://127.0.0.1:<port>" + `path`."""
     app = app or OpenAIStub()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -383,10 +428,10 @@ def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: 
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             sock.close()
-            raise RuntimeError("the OpenAI stub did not start")
+            raise RuntimeError("the stub server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{port}/v1"
+        yield f"http://{host}:{port}{path}"
     finally:
         # force_exit: stalled streams never finish on their own; the loop's teardown cancels them.
         server.should_exit = True
@@ -395,11 +440,8 @@ def serve_stub(app: OpenAIStub | None = None, *, host: str = "127.0.0.1", port: 
         sock.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m minichat_local.openai_stub`: serve the stub until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="minichat_local.openai_stub", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
+def add_behavior_options(parser: argparse.ArgumentParser) -> None:
+    """One `--name` option per Behavior field (the server's default behaviour)."""
     defaults = Behavior()
     for spec in fields(Behavior):
         kind = float if spec.name in _FLOAT_KEYS else int
@@ -407,13 +449,43 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(
             flag, type=kind, default=getattr(defaults, spec.name), help=f"default {spec.name}"
         )
+
+
+def behavior_from_args(args: argparse.Namespace) -> Behavior:
+    """The Behavior the options of add_behavior_options describe."""
+    return Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
+
+
+def serve_cli(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    port: int,
+    make_app: Callable[[Behavior], Any],
+    keep_alive_s: int = 5,
+) -> None:
+    """A stub's command line: --host, --port and the Behavior options; serves until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"Serve {prog} (see its module docstring).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    add_behavior_options(parser)
     args = parser.parse_args(argv)
-    behavior = Behavior(**{spec.name: getattr(args, spec.name) for spec in fields(Behavior)})
+    behavior = behavior_from_args(args)
     config = uvicorn.Config(
-        OpenAIStub(behavior), host=args.host, port=args.port, access_log=False, lifespan="off"
+        make_app(behavior),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=keep_alive_s,
     )
-    print(f"OpenAI stub on http://{args.host}:{args.port}/v1 ({behavior})", flush=True)
+    print(f"{prog} on http://{args.host}:{args.port} ({behavior})", flush=True)
     uvicorn.Server(config).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minichat_local.openai_stub`: serve the stub on /v1 until Ctrl-C."""
+    serve_cli(argv, prog="minichat_local.openai_stub", port=8100, make_app=OpenAIStub)
 
 
 if __name__ == "__main__":

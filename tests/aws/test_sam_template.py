@@ -375,3 +375,56 @@ def test_an_optional_rds_proxy_stands_between_the_functions_and_the_database(
         url = function["Properties"]["Environment"]["Variables"]["DATABASE_URL"]
         assert url["Fn::If"][0] == "CreateProxy", name
         assert "DatabaseProxy.Endpoint" in json.dumps(url["Fn::If"][1]), name
+
+
+def _evaluate(node: Any, params: dict[str, Any]) -> Any:
+    """The few intrinsic functions the Bedrock policy uses (Ref, Fn::Sub, Fn::Join, Fn::Split)."""
+    if isinstance(node, list):
+        return [_evaluate(item, params) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "Ref" in node:
+        return params[node["Ref"]]
+    if "Fn::Join" in node:
+        separator, items = _evaluate(node["Fn::Join"], params)
+        return separator.join(items)
+    if "Fn::Split" in node:
+        separator, text = _evaluate(node["Fn::Split"], params)
+        return text.split(separator)
+    if "Fn::Sub" in node:
+        spec = node["Fn::Sub"]
+        text, names = (spec, {}) if isinstance(spec, str) else (spec[0], _evaluate(spec[1], params))
+        return re.sub(r"\$\{([\w:]+)\}", lambda m: str({**params, **names}[m.group(1)]), text)
+    return {key: _evaluate(value, params) for key, value in node.items()}
+
+
+def test_only_the_stream_function_may_invoke_the_configured_bedrock_models(
+    translated: dict[str, Any],
+) -> None:
+    bedrock = [
+        (role, st)
+        for role in _resources(translated, "AWS::IAM::Role")
+        for st in _statements(translated, role)
+        if any(action.startswith("bedrock:") for action in _actions(st))
+    ]
+    assert [role for role, _ in bedrock] == ["StreamFunctionRole"]
+    (_, statement), *_ = bedrock
+    assert sorted(_actions(statement)) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+    params = {
+        "AWS::Partition": "aws",
+        "AWS::AccountId": "123456789012",
+        "BedrockModels": "us.anthropic.claude-3-5-haiku-20241022-v1:0,amazon.nova-lite-v1:0",
+    }
+    resources = set(_evaluate(statement["Resource"], params))
+    assert resources == {
+        "arn:aws:bedrock:*::foundation-model/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        "arn:aws:bedrock:*::foundation-model/amazon.nova-lite-v1:0",
+        "arn:aws:bedrock:*:123456789012:inference-profile/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        "arn:aws:bedrock:*:123456789012:inference-profile/amazon.nova-lite-v1:0",
+        # the foundation model the US profile routes to, in whichever region it picks
+        "arn:aws:bedrock:*::foundation-model/anthropic.claude-3-5-haiku-20241022-v1:0",
+    }
+    for name in ("ApiFunction", "StreamFunction"):
+        env = translated["Resources"][name]["Properties"]["Environment"]["Variables"]
+        assert env["MINICHAT_BEDROCK_MODELS"] == {"Ref": "BedrockModels"}
+        assert "MINICHAT_BEDROCK_REGION" in env and "MINICHAT_OPENAI_SERVERS" in env

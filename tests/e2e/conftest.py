@@ -9,15 +9,10 @@ beside the integration tests that count rows in the same database.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 CHROMIUM = os.environ.get("MINICHAT_CHROMIUM", "/usr/bin/chromium")
@@ -40,61 +35,15 @@ ARTIFACTS = REPO / "test-artifacts"
 LAPTOP = {"width": 1280, "height": 800}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live_server(
     database_url: str, broker_vhost: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """`python -m minichat_local` on a free port (relay and consumer included), for one test module."""
-    import redis
+    """Local mode with the mock models, for one test module."""
+    from e2e_support import serve_local_mode
 
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
-    client.flushdb()  # no lock or counter left by an earlier run
-    client.close()
-    # Only the mock models: an OpenAI stub configured by another test must not leak in.
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("OPENAI_") and k != "MINICHAT_OPENAI_MODELS"
-    }
-    env.update({"MINICHAT_DEFAULT_MODEL": "mock-echo", "MINICHAT_LOG_LEVEL": "WARNING"})
-    port = _free_port()
-    log = tmp_path_factory.mktemp("e2e") / "local-mode.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "minichat_local", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base_url}/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"local mode did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    try:
+    with serve_local_mode(tmp_path_factory.mktemp("e2e") / "local-mode.log") as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        tail = log.read_text()[-4000:]
-        if tail.strip():
-            print(f"--- local mode log (tail) ---\n{tail}")  # shown by pytest when a test failed
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 from playwright.sync_api import expect
+
+REPO = Path(__file__).resolve().parents[2]
 
 PASSWORD = "correct horse battery"
 # mock-slow sends one word every 200 ms: 16 words take about 3 s.
@@ -98,3 +108,53 @@ def api(page: Any, base_url: str) -> httpx.Client:
     return httpx.Client(
         base_url=base_url, headers={"Authorization": f"Bearer {tokens(page)['accessToken']}"}, timeout=30
     )
+
+
+@contextlib.contextmanager
+def serve_local_mode(log: Path, **extra_env: str) -> Iterator[str]:
+    """`python -m minichat_local` on a free port (relay and consumer included) with only the mock models
+    (an OpenAI stub configured by another test must not leak in), plus `extra_env`."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.flushdb()  # no lock or counter left by an earlier run
+    client.close()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("OPENAI_") and k != "MINICHAT_OPENAI_MODELS"
+    }
+    env.update({"MINICHAT_DEFAULT_MODEL": "mock-echo", "MINICHAT_LOG_LEVEL": "WARNING", **extra_env})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "minichat_local", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base_url}/api/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"local mode did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    try:
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        tail = log.read_text()[-4000:]
+        if tail.strip():
+            print(f"--- local mode log (tail) ---\n{tail}")  # shown by pytest when a test failed

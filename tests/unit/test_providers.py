@@ -289,11 +289,12 @@ def test_build_prompt_stays_within_budget_for_random_histories() -> None:
 def test_registry_without_openai_serves_the_mock_models() -> None:
     registry = ProviderRegistry.from_settings(Settings())
     assert registry.default_model == "mock-echo"
+    limits = {"contextTokens": 16_000, "maxOutputTokens": 4096}  # MINICHAT_CONTEXT_TOKENS, the default
     assert registry.list_models() == [
-        {"id": "mock-echo", "provider": "mock"},
-        {"id": "mock-slow", "provider": "mock"},
-        {"id": "mock-stall", "provider": "mock"},
-        {"id": "mock-error", "provider": "mock"},
+        {"id": "mock-echo", "provider": "mock", **limits},
+        {"id": "mock-slow", "provider": "mock", **limits},
+        {"id": "mock-stall", "provider": "mock", **limits},
+        {"id": "mock-error", "provider": "mock", **limits},
     ]
     assert registry.resolve("mock-stall").name == "mock"
 
@@ -306,7 +307,12 @@ def test_registry_with_an_openai_key_serves_the_configured_models_first() -> Non
     assert registry.resolve("gpt-4o").models() == ["gpt-4o-mini", "gpt-4o"]
     assert registry.resolve("mock-echo").name == "mock"
     assert [m["id"] for m in registry.list_models()][:3] == ["gpt-4o-mini", "gpt-4o", "mock-echo"]
-    assert registry.list_models()[1] == {"id": "gpt-4o", "provider": "openai"}
+    assert registry.list_models()[1] == {
+        "id": "gpt-4o",
+        "provider": "openai",
+        "contextTokens": 128_000,
+        "maxOutputTokens": 16_384,
+    }
 
 
 def test_registry_with_only_a_base_url_serves_the_openai_models() -> None:

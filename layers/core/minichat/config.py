@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from minichat.errors import ConfigError
 from minichat.secrets import resolve_secret_references
 
-__all__ = ["Settings", "get_settings", "set_settings"]
+__all__ = ["OpenAIServer", "Settings", "get_settings", "set_settings"]
 
 _MIN_SECRET_BYTES = 32  # 256 bits
 
@@ -35,6 +38,101 @@ def _list(raw: str | None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class OpenAIServer:
+    """One OpenAI-compatible server of MINICHAT_OPENAI_SERVERS: its name (for logs and errors only), URL,
+    key (or the Secrets Manager secret holding it) and the model ids it serves."""
+
+    name: str
+    models: tuple[str, ...]
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    api_key_secret_arn: str | None = None
+
+
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+_SERVER_KEYS = {"name", "baseUrl", "apiKey", "apiKeySecretArn", "models"}
+_LIMIT_KEYS = {"contextTokens": (256, 10_000_000), "maxOutputTokens": (1, 1_000_000)}
+
+
+def _json(env: Mapping[str, str], name: str) -> Any:
+    raw = env.get(name)
+    if not raw or not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{name} is not valid JSON") from None
+
+
+def _openai_servers(env: Mapping[str, str]) -> tuple[OpenAIServer, ...]:
+    """MINICHAT_OPENAI_SERVERS: a JSON list of {name, baseUrl?, apiKey? | apiKeySecretArn?, models}."""
+    var = "MINICHAT_OPENAI_SERVERS"
+    raw = _json(env, var)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{var} must be a JSON list of servers")
+    servers: list[OpenAIServer] = []
+    for index, entry in enumerate(raw):
+        where = f"{var}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be an object")
+        unknown = sorted(set(entry) - _SERVER_KEYS)
+        if unknown:
+            raise ConfigError(f"{where} has unknown fields: {', '.join(unknown)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _SERVER_NAME.match(name):
+            raise ConfigError(f"{where}.name must be 1-40 characters of A-Za-z0-9._-")
+        if any(s.name == name for s in servers):
+            raise ConfigError(f"{var} names the server {name!r} twice")
+        models = entry.get("models")
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m.strip() for m in models)
+        ):
+            raise ConfigError(f"{where}.models must be a non-empty list of model ids")
+        base_url, api_key, arn = entry.get("baseUrl"), entry.get("apiKey"), entry.get("apiKeySecretArn")
+        for key, value in (("baseUrl", base_url), ("apiKey", api_key), ("apiKeySecretArn", arn)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise ConfigError(f"{where}.{key} must be a non-empty string")
+        if api_key and arn:
+            raise ConfigError(f"{where} sets both apiKey and apiKeySecretArn")
+        servers.append(
+            OpenAIServer(
+                name=name,
+                models=tuple(m.strip() for m in models),
+                base_url=base_url,
+                api_key=api_key,
+                api_key_secret_arn=arn,
+            )
+        )
+    return tuple(servers)
+
+
+def _model_limits(env: Mapping[str, str]) -> tuple[tuple[str, int | None, int | None], ...]:
+    """MINICHAT_MODEL_LIMITS: {"<model id>": {"contextTokens": n, "maxOutputTokens": n}}, either optional."""
+    var = "MINICHAT_MODEL_LIMITS"
+    raw = _json(env, var)
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{var} must be a JSON object keyed by model id")
+    limits: list[tuple[str, int | None, int | None]] = []
+    for model, entry in raw.items():
+        if not isinstance(entry, dict) or not entry or set(entry) - set(_LIMIT_KEYS):
+            raise ConfigError(f"{var}[{model!r}] must be an object with contextTokens and/or maxOutputTokens")
+        values: list[int | None] = []
+        for key, (low, high) in _LIMIT_KEYS.items():
+            value = entry.get(key)
+            if value is not None and (type(value) is not int or not low <= value <= high):
+                raise ConfigError(f"{var}[{model!r}].{key} must be an integer from {low} to {high}")
+            values.append(value)
+        limits.append((model, values[0], values[1]))
+    return tuple(limits)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything MiniChat reads from its environment."""
 
@@ -53,6 +151,14 @@ class Settings:
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     openai_models: tuple[str, ...] = ()
+    openai_servers: tuple[OpenAIServer, ...] = ()
+    bedrock_models: tuple[str, ...] = ()
+    bedrock_region: str | None = None
+    bedrock_endpoint_url: str | None = None
+    bedrock_max_streams: int = 128
+    # (model id, context tokens, max output tokens), None where the known limits hold: a tuple, so that
+    # Settings stays hashable.
+    model_limits: tuple[tuple[str, int | None, int | None], ...] = ()
     default_model: str | None = None
     context_tokens: int = 16_000
     provider_first_token_timeout: float = 60.0
@@ -93,6 +199,15 @@ class Settings:
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_models=_list(env.get("MINICHAT_OPENAI_MODELS")),
+            openai_servers=_openai_servers(env),
+            bedrock_models=_list(env.get("MINICHAT_BEDROCK_MODELS")),
+            bedrock_region=env.get("MINICHAT_BEDROCK_REGION")
+            or env.get("AWS_REGION")
+            or env.get("AWS_DEFAULT_REGION")
+            or None,
+            bedrock_endpoint_url=env.get("MINICHAT_BEDROCK_ENDPOINT_URL") or None,
+            bedrock_max_streams=_int(env, "MINICHAT_BEDROCK_MAX_STREAMS", 128, low=1, high=1000),
+            model_limits=_model_limits(env),
             default_model=env.get("MINICHAT_DEFAULT_MODEL") or None,
             context_tokens=_int(env, "MINICHAT_CONTEXT_TOKENS", 16_000, low=256, high=2_000_000),
             provider_first_token_timeout=_int(

@@ -279,12 +279,15 @@ def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 1
     ).fetchall()
 
 
-def prompt_for(system_prompt: str | None, history: Sequence[tuple[str, str]]) -> list[ChatMessage]:
-    """What the model is sent: the system prompt plus the newest history that fits the context."""
+def prompt_for(
+    system_prompt: str | None, history: Sequence[tuple[str, str]], *, context_tokens: int | None = None
+) -> list[ChatMessage]:
+    """What the model is sent: the system prompt plus the newest history that fits `context_tokens` (the
+    model's prompt budget; the configured default when not given, e.g. for an estimate)."""
     return build_prompt(
         system_prompt,
         [ChatMessage(role, content) for role, content in history if role in _PROMPT_ROLES],
-        context_tokens=get_settings().context_tokens,
+        context_tokens=get_settings().context_tokens if context_tokens is None else context_tokens,
     )
 
 

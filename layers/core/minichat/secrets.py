@@ -11,7 +11,8 @@ secret that completes it:
 - a whole URL, used as it is.
 
 OPENAI_API_KEY_SECRET_ARN names a secret holding the OpenAI key (a plain string, or JSON with `apiKey`);
-an OPENAI_API_KEY set in the environment wins. `Settings.from_env` passes its environment through
+an OPENAI_API_KEY set in the environment wins. Each server of MINICHAT_OPENAI_SERVERS may name its own
+(`apiKeySecretArn`, same forms: `fetch_secret_value`). `Settings.from_env` passes its environment through
 `resolve_secret_references`, and the settings are built once per process, so each secret is fetched once
 per cold start. Without any `*_SECRET_ARN` variable (local mode, tests) nothing is fetched and boto3 is
 never imported.
@@ -26,7 +27,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from minichat.errors import ConfigError
 
-__all__ = ["URL_SECRETS", "VALUE_SECRETS", "resolve_secret_references", "url_with_credentials"]
+__all__ = [
+    "URL_SECRETS",
+    "VALUE_SECRETS",
+    "fetch_secret_value",
+    "resolve_secret_references",
+    "url_with_credentials",
+]
 
 # (variable the settings read, variable naming the secret)
 URL_SECRETS = (
@@ -62,6 +69,11 @@ def resolve_secret_references(env: Mapping[str, str], *, fetch: Fetch | None = N
         if arn and not env.get(var):
             resolved[var] = _plain_value(secret(arn), key="apiKey", variable=var)
     return resolved
+
+
+def fetch_secret_value(arn: str, *, key: str, variable: str, fetch: Fetch | None = None) -> str:
+    """One value from Secrets Manager: a plain string, or the `key` field of a JSON secret."""
+    return _plain_value((fetch or _secrets_manager())(arn), key=key, variable=variable)
 
 
 def url_with_credentials(url: str, secret: str, *, variable: str = "URL") -> str:

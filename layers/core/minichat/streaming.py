@@ -214,7 +214,11 @@ class Engine:
 
     async def _run(self, run: Run, history: list[tuple[str, str]]) -> None:
         row = run.row
-        messages = generations.prompt_for(row["system_prompt"], history)
+        messages = generations.prompt_for(
+            row["system_prompt"],
+            history,
+            context_tokens=self.registry.prompt_tokens(row["model"], max_tokens=row["max_tokens"]),
+        )
         prompt_estimate = estimate_prompt_tokens(messages)
         usage: list[Any] = []
         status, error = "succeeded", None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from minichat.errors import ProviderError, ProviderTimeout
 from minichat.providers.base import Delta, Finish, ProviderRequest, StreamItem, Usage
+from minichat.secrets import fetch_secret_value
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -36,15 +37,21 @@ class OpenAIProvider:
         *,
         models: Sequence[str],
         api_key: str | None = None,
+        api_key_secret_arn: str | None = None,
         base_url: str | None = None,
         first_token_timeout: float = 30.0,
         idle_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         transport: Transport = "aiohttp",
         max_tokens_param: str = "max_tokens",
+        label: str = "openai",
     ) -> None:
+        self.label = label  # which server, in configuration errors (several may be configured)
         self._models = list(models)
         self._api_key = api_key
+        # Fetched when the client is built (the stream function's cold start, with preload): a function
+        # that only lists models never reads the key, nor needs the permission to.
+        self._api_key_secret_arn = api_key_secret_arn
         self._base_url = base_url
         self._first_token_timeout = first_token_timeout
         self._idle_timeout = idle_timeout
@@ -77,6 +84,11 @@ class OpenAIProvider:
 
     def _make_client(self) -> AsyncOpenAI:
         import openai
+
+        if self._api_key is None and self._api_key_secret_arn:
+            self._api_key = fetch_secret_value(
+                self._api_key_secret_arn, key="apiKey", variable=f"the API key of {self.label}"
+            )
 
         http_client = (
             openai.DefaultAioHttpClient()
