@@ -32,20 +32,23 @@ def _event(
     return event
 
 
+def _create_event(chat_id: str, token: str) -> dict[str, Any]:
+    """POST /api/chats/{chat_id}/generations as API Gateway's default host delivers it (stage dev)."""
+    return _event(
+        method="POST",
+        resource="/api/chats/{chat_id}/generations",
+        path=f"/api/chats/{chat_id}/generations",
+        body={"content": "hi"},
+        token=token,
+        params={"chat_id": chat_id},
+    )
+
+
 def test_stream_url_carries_the_stage_behind_the_default_api_host(api: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    app = load_function("api").app
-    resource = "/api/chats/{chat_id}/generations"
-    event = _event(
-        method="POST",
-        resource=resource,
-        path=f"/api/chats/{chat['id']}/generations",
-        body={"content": "hi"},
-        token=user.access,
-        params={"chat_id": chat["id"]},
-    )
-    reply = app(event, None)
+    event = _create_event(chat["id"], user.access)
+    reply = load_function("api").app(event, None)
     assert reply["statusCode"] == 201, reply
     body = json.loads(reply["body"])
     assert body["streamUrl"].startswith(f"/dev/api/generations/{body['generationId']}/stream?ticket=")
@@ -63,19 +66,10 @@ def test_stream_url_has_no_stage_through_cloudfronts_one_origin(api: Api) -> Non
     request (template.yaml, WebDistribution): the client's paths have no stage, so neither may streamUrl."""
     user = api.register()
     chat = api.create_chat(user)
-    app = load_function("api").app
-    resource = "/api/chats/{chat_id}/generations"
-    event = _event(
-        method="POST",
-        resource=resource,
-        path=f"/api/chats/{chat['id']}/generations",
-        body={"content": "hi"},
-        token=user.access,
-        params={"chat_id": chat["id"]},
-    )
+    event = _create_event(chat["id"], user.access)
     event["headers"]["X-MiniChat-Origin"] = "cloudfront"
     event["multiValueHeaders"]["X-MiniChat-Origin"] = ["cloudfront"]
-    reply = app(event, None)
+    reply = load_function("api").app(event, None)
     assert reply["statusCode"] == 201, reply
     body = json.loads(reply["body"])
     assert body["streamUrl"].startswith(f"/api/generations/{body['generationId']}/stream?ticket=")
