@@ -81,8 +81,7 @@ def _deploy(aws_tools: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def deployed(localstack: str, aws_tools: Path, sam_build: Path) -> dict[str, Any]:
-    """deploy.py run twice (create, then the update path); the plan it followed."""
-    _deploy(aws_tools, localstack)
+    """deploy.py run once; the plan it followed."""
     _deploy(aws_tools, localstack)
     # The plan deploy.py followed, computed by the AWS tools' interpreter (SAM's translator lives there).
     script = (
