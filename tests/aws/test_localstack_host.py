@@ -2,9 +2,10 @@
 
 This tier deploys and wires (secret, functions, REST API, schedules) and checks what LocalStack holds;
 it executes no function inside LocalStack (its runtime-init binary cannot be had here): the functions run
-on a Lambda runtime under `sam local` (test_sam_local.py). Why this split: the executor protocol stand-in
-that execution would need is a harness of its own, while `sam local` already proves every handler on the
-runtime with the template's own environment.
+on a Lambda runtime under `sam local` (test_sam_local.py). The MQ bridge runs against it for real: its
+invocations reach the deployed worker and, failing, put the batch back. Why this split: the executor
+protocol stand-in that execution would need is a harness of its own, while `sam local` already proves
+every handler on the runtime with the template's own environment.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from aws_support import ROOT, TOOL_ENV
 pytestmark = pytest.mark.slow
 
 
+_LOGS: dict[str, Path] = {}
+
+
+def localstack_log(endpoint: str) -> Path:
+    """The log of the LocalStack at `endpoint` (what it answered, request by request)."""
+    return _LOGS[endpoint]
+
+
 @pytest.fixture(scope="module")
 def localstack(sam_image: str, tmp_path_factory: Any) -> Iterator[str]:
     """LocalStack on a free loopback port, its files in a temporary folder; the endpoint URL."""
@@ -42,6 +51,7 @@ def localstack(sam_image: str, tmp_path_factory: Any) -> Iterator[str]:
         start_new_session=True,
     )
     endpoint = f"http://127.0.0.1:{port}"
+    _LOGS[endpoint] = root / "localstack.log"
     started = time.monotonic()
     try:
         while True:  # the first run installs LocalStack into .venv/localstack
@@ -161,3 +171,49 @@ def test_the_relay_and_the_reaper_run_on_schedules(localstack: str, deployed: di
         assert rule["ScheduleExpression"] == expression
         (target,) = events.list_targets_by_rule(Rule=f"{name}-schedule")["Targets"]
         assert target["Arn"] == lam.get_function(FunctionName=name)["Configuration"]["FunctionArn"]
+
+
+def test_the_mq_bridge_invokes_the_deployed_worker_and_puts_the_batch_back_when_it_fails(
+    localstack: str, deployed: dict[str, Any], tmp_path: Path
+) -> None:
+    """The bridge as `up.sh` runs it, against this LocalStack: the batch reaches Lambda's Invoke API for the
+    deployed worker; LocalStack cannot execute it here, so the invoke fails, and the message goes back to
+    the queue (as the event source mapping does on a function error) instead of being lost."""
+    import pika
+
+    from minichat import broker
+
+    vhost = "minichat_test_bridge_localstack"
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
+    with broker.connect(url) as connection:
+        channel = connection.channel()
+        broker.declare_topology(channel)
+        for queue in broker.QUEUES:
+            channel.queue_purge(queue)
+        channel.basic_publish("", broker.QUEUES[0], b'{"probe": "localstack"}')
+    log = localstack_log(localstack)
+    invokes_before = log.read_text().count("lambda.Invoke =>")
+    process = subprocess.Popen(
+        [sys.executable, "infra/localstack/mq_bridge.py", "--endpoint", localstack],
+        cwd=ROOT,
+        env={**os.environ, "RABBITMQ_URL": url, **TOOL_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("lambda.Invoke =>") == invokes_before and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[0]
+            time.sleep(0.5)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0]
+    assert log.read_text().count("lambda.Invoke =>") > invokes_before, output
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    method, _properties, body = connection.channel().basic_get(broker.QUEUES[0], auto_ack=True)
+    connection.close()
+    assert method is not None and body == b'{"probe": "localstack"}', output  # back in the queue
+    assert method.redelivered

@@ -397,3 +397,22 @@ def test_the_sam_local_env_file_declares_each_functions_variables(translated: di
         if resource["Type"] == "AWS::Lambda::Function"
     }
     assert {name: set(values) for name, values in written.items()} == declared
+
+
+def test_purge_function_deletes_week_old_published_outbox_rows(invoke: Any, migrated: dict[str, Any]) -> None:
+    old, fresh = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        for event_id, age in ((old, "8 days"), (fresh, "1 day")):
+            conn.execute(
+                "INSERT INTO outbox (event_id, queue, payload, created_at, published_at)"
+                " VALUES (%s, 'audit_event', '{}', now() - %s::interval, now() - %s::interval)",
+                (event_id, age, age),
+            )
+    result = invoke("PurgeFunction", scheduled_event("purge"))
+    assert result["outbox"] >= 1, result
+    with psycopg.connect(DATABASE_URL) as conn:
+        left = {
+            row[0]
+            for row in conn.execute("SELECT event_id FROM outbox WHERE event_id IN (%s, %s)", (old, fresh))
+        }
+    assert left == {fresh}

@@ -307,14 +307,21 @@ def test_samconfig_has_a_dev_and_a_prod_environment() -> None:
         assert f"Environment={name}" in deploy["parameter_overrides"]
 
 
-def test_sample_events_exist_for_sam_local_invoke() -> None:
-    # `sam local invoke -e` with these works where Docker runs (docs/aws.md); they must stay valid JSON
-    # of the shapes the functions receive.
+def test_sample_events_exist_for_sam_local_invoke(translated: dict[str, Any]) -> None:
+    # `sam local invoke -e` takes these (docs/aws.md); they must stay valid JSON of the shapes the
+    # functions receive, on routes the REST API has (the stream one is what the Web Adapter turns into
+    # GET /api/generations/{id}/stream?ticket=... with Last-Event-ID).
     for name in ("apigateway-rest-proxy.json", "amazon-mq-usage.json", "amazon-mq-audit.json"):
         event = json.loads((ROOT / "tests" / "events" / name).read_text())
         assert event
-    proxy = json.loads((ROOT / "tests" / "events" / "apigateway-rest-proxy.json").read_text())
-    assert proxy["requestContext"]["resourcePath"] == proxy["resource"]
+    (api,) = _resources(translated, "AWS::ApiGateway::RestApi").values()
+    paths = api["Properties"]["Body"]["paths"]
+    for name in ("apigateway-rest-proxy.json", "apigateway-rest-proxy-stream.json"):
+        proxy = json.loads((ROOT / "tests" / "events" / name).read_text())
+        assert proxy["requestContext"]["resourcePath"] == proxy["resource"]
+        assert proxy["httpMethod"].lower() in paths[proxy["resource"]], name
+    stream = json.loads((ROOT / "tests" / "events" / "apigateway-rest-proxy-stream.json").read_text())
+    assert stream["queryStringParameters"]["ticket"] and stream["headers"]["Last-Event-ID"]
 
 
 def test_the_web_adapter_layer_is_a_version_the_adapter_publishes(translated: dict[str, Any]) -> None:
