@@ -80,7 +80,26 @@ def environment(*, port: int, root: Path) -> dict[str, str]:
         "LAMBDA_INIT_RELEASE_VERSION": INIT_VERSION,
         "LAMBDA_RUNTIME_IMAGE_MAPPING": json.dumps({"python3.12": RUNTIME_IMAGE}),
         "DOCKER_CMD": str(HERE / "docker-shim.sh"),
+        # Its containers (a function environment it tries to start) are named after this, one per port.
+        "MAIN_CONTAINER_NAME": container_prefix(port),
     }
+
+
+def container_prefix(port: int) -> str:
+    """The name LocalStack gives itself and puts before its Lambda containers' names."""
+    return f"minichat-localstack-{port}"
+
+
+def remove_containers(port: int) -> None:
+    """Remove the containers the LocalStack on `port` made (it leaves them when stopped)."""
+    names = subprocess.run(  # noqa: S603 (fixed arguments)
+        ["docker", "ps", "-aq", "--filter", f"name={container_prefix(port)}"],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if names:
+        subprocess.run(["docker", "rm", "-f", *names], capture_output=True, check=False)  # noqa: S603, S607
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aws_support import ROOT, TOOL_ENV
+from aws_support import ROOT, TOOL_ENV, load_script
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,9 @@ def localstack(sam_image: str, tmp_path_factory: Any) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
         log.close()
+        # The schedules fire and the bridge invokes: LocalStack tries to start function containers
+        # (they cannot run here) and leaves them behind.
+        load_script("infra/localstack/host.py").remove_containers(port)
 
 
 def _deploy(aws_tools: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
