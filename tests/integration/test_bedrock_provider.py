@@ -55,6 +55,9 @@ def _run(url: str, body: Callable[[BedrockProvider], Awaitable[T]], **options: A
         options.setdefault("first_token_timeout", 3)
         options.setdefault("idle_timeout", 2)
         provider = BedrockProvider(models=["m"], region="us-east-1", endpoint_url=url, **options)
+        # The client is built before the clock starts (the stream function builds it at cold start): on a
+        # loaded machine importing boto3 alone can take seconds, which these timeouts must not measure.
+        await asyncio.to_thread(provider.client)
         try:
             return await body(provider)
         finally:
