@@ -68,3 +68,20 @@ def scheduled_event(rule: str) -> dict[str, Any]:
         "resources": [f"arn:aws:events:us-east-1:123456789012:rule/{rule}"],
         "detail": {},
     }
+
+
+def queue_with_one_message(vhost: str, body: bytes) -> str:
+    """A vhost of its own, MiniChat's queues declared and emptied, then `body` published to the usage
+    queue (what the MQ bridge consumes); returns the broker URL."""
+    from minichat import broker
+
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
+    with broker.connect(url) as connection:
+        channel = connection.channel()
+        broker.declare_topology(channel)
+        for queue in broker.QUEUES:
+            channel.queue_purge(queue)
+        channel.basic_publish("", broker.QUEUES[0], body)
+    return url

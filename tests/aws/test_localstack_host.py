@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aws_support import ROOT, TOOL_ENV, load_script
+from aws_support import ROOT, TOOL_ENV, load_script, queue_with_one_message
 
 pytestmark = pytest.mark.slow
 
@@ -186,16 +186,7 @@ def test_the_mq_bridge_invokes_the_deployed_worker_and_puts_the_batch_back_when_
 
     from minichat import broker
 
-    vhost = "minichat_test_bridge_localstack"
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
-        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
-    with broker.connect(url) as connection:
-        channel = connection.channel()
-        broker.declare_topology(channel)
-        for queue in broker.QUEUES:
-            channel.queue_purge(queue)
-        channel.basic_publish("", broker.QUEUES[0], b'{"probe": "localstack"}')
+    url = queue_with_one_message("minichat_test_bridge_localstack", b'{"probe": "localstack"}')
     log = localstack_log(localstack)
     invokes_before = log.read_text().count("lambda.Invoke =>")
     process = subprocess.Popen(

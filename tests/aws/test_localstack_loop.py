@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from aws_support import ROOT, load_script, run_tool
+from aws_support import ROOT, load_script, queue_with_one_message, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -191,16 +191,7 @@ def test_bridge_runs_consuming_rabbitmq_and_invoking_through_the_lambda_api() ->
     Amazon MQ's event, and is acknowledged."""
     from minichat import broker
 
-    vhost = "minichat_test_bridge"
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
-        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60, check=False)
-    with broker.connect(url) as connection:
-        channel = connection.channel()
-        broker.declare_topology(channel)
-        for queue in broker.QUEUES:
-            channel.queue_purge(queue)
-        channel.basic_publish("", broker.QUEUES[0], b'{"probe": 1}')
+    url = queue_with_one_message("minichat_test_bridge", b'{"probe": 1}')
 
     _LambdaInvokeApi.calls = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LambdaInvokeApi)
