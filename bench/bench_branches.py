@@ -114,12 +114,19 @@ def seed_branched(conn: psycopg.Connection[Any], chat_id: str) -> tuple[int, int
     children: dict[tuple[str | None, str], int] = {}
     for _, p, r, _ in rows:
         children[(p, r)] = children.get((p, r), 0) + 1
+    # `segment_id` as chats.insert_message sets it: a parent's first child continues its segment.
+    segment: dict[str, str] = {}
+    has_child: set[str] = set()
+    for m, p, _, _ in rows:
+        segment[m] = m if p is None or p in has_child else segment[p]
+        if p is not None:
+            has_child.add(p)
     with conn.transaction(), conn.cursor() as cur:
         # `forked` as chats.insert_message sets it: the message has siblings.
         cur.executemany(
-            "INSERT INTO messages (id, chat_id, parent_id, role, content, forked)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            [(m, chat_id, p, r, c, children[(p, r)] > 1) for m, p, r, c in rows],
+            "INSERT INTO messages (id, chat_id, parent_id, role, content, forked, segment_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [(m, chat_id, p, r, c, children[(p, r)] > 1, segment[m]) for m, p, r, c in rows],
         )
         cur.execute("UPDATE chats SET active_leaf_id = %s WHERE id = %s", (leaf, chat_id))
     path: list[str] = []

@@ -32,6 +32,7 @@ __all__ = [
     "list_chats",
     "list_messages",
     "owned_chat_for_update",
+    "path_segments",
     "repair_text",
     "title_from",
     "update_chat",
@@ -220,6 +221,8 @@ def insert_message(
 
     An answer (`generation_id` given) goes under the message its generation answers, whatever the chat
     shows by now. The chat is bumped (and titled from its first user message when it has none).
+    The caller holds the chat's row lock (owned_chat_for_update; generations.finish takes it too): the
+    message's segment depends on the other children of its parent.
     """
     row = conn.execute(
         _INSERT_MESSAGE,
@@ -238,11 +241,13 @@ def insert_message(
 
 # Its siblings are found before the row exists (a statement's subqueries do not see its own insert):
 # the others, then itself, the newest. They and it are marked `forked` when there are any, so that a
-# listed message looks its siblings up only then. The chat's active_leaf_id key is checked at the end of
-# the statement, once the row exists.
+# listed message looks its siblings up only then. It continues its parent's segment when it is the
+# parent's first child, and starts its own otherwise (a root always does): the caller holds the chat's
+# row lock, taken by an earlier statement, so this statement's snapshot sees every other child. The
+# chat's active_leaf_id key is checked at the end of the statement, once the row exists.
 _INSERT_MESSAGE = f"""
     WITH place AS (
-        SELECT %(chat_id)s::uuid AS chat_id, %(role)s::text AS role,
+        SELECT gen_random_uuid() AS id, %(chat_id)s::uuid AS chat_id, %(role)s::text AS role,
                CASE WHEN %(generation_id)s::uuid IS NULL THEN %(parent_id)s::uuid
                     ELSE g.parent_message_id END AS parent_id
         FROM (VALUES (1)) AS one LEFT JOIN generations g ON g.id = %(generation_id)s::uuid
@@ -251,9 +256,14 @@ _INSERT_MESSAGE = f"""
     ), fork AS (
         UPDATE messages m SET forked = true FROM older WHERE m.id = ANY(older.ids) AND NOT m.forked
     ), new AS (
-        INSERT INTO messages (chat_id, parent_id, role, content, generation_id, forked)
-        SELECT place.chat_id, place.parent_id, place.role, %(content)s::text, %(generation_id)s::uuid,
-               cardinality(older.ids) > 0
+        INSERT INTO messages (id, chat_id, parent_id, role, content, generation_id, forked, segment_id)
+        SELECT place.id, place.chat_id, place.parent_id, place.role, %(content)s::text,
+               %(generation_id)s::uuid, cardinality(older.ids) > 0,
+               CASE WHEN place.parent_id IS NULL
+                         OR EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = place.parent_id)
+                    THEN place.id
+                    ELSE (SELECT p.segment_id FROM messages p WHERE p.id = place.parent_id)
+               END
         FROM place, older
         RETURNING id, seq, chat_id, parent_id, role, content, generation_id, created_at
     ), chat AS (
@@ -263,6 +273,24 @@ _INSERT_MESSAGE = f"""
     )
     SELECT new.*, older.ids || new.id AS sibling_ids FROM new, older
 """
+
+
+def path_segments(leaf: str, *, after: str = "0") -> str:
+    """SQL: a recursive CTE body `path_segments(segment_id, upto)`, the segments of the path that ends at
+    the message id `leaf` (an SQL expression), each with the seq of its last message on the path.
+
+    One step per fork along the path (two primary-key lookups: the segment's first message, and that
+    one's parent), and no further back than the seq `after`. A path's messages are then the messages
+    of these segments up to `upto` (messages_segment_idx), oldest segment first: a segment's messages
+    all come after its parent's segment's messages on the path.
+    """
+    return f"""path_segments AS (
+        SELECT m.segment_id, m.seq AS upto FROM messages m WHERE m.id = {leaf}
+        UNION ALL
+        SELECT p.segment_id, p.seq
+        FROM path_segments s JOIN messages h ON h.id = s.segment_id JOIN messages p ON p.id = h.parent_id
+        WHERE h.seq > {after}
+    )"""
 
 
 def answer_parent(
@@ -345,9 +373,9 @@ def list_messages(
     return f'{{"items":[{items}],"nextCursor":{json.dumps(next_cursor)}}}'
 
 
-# The path is walked up from the leaf, one primary-key lookup a step, and no further than the cursor
-# (a parent is older than its child). Only the page's rows are read in full, and only a `forked` one
-# (it has siblings) looks them up: most messages have none.
+# The path's segments are found from the leaf (chats.path_segments), and the page is the first `limit`
+# messages after the cursor of each, at most (an index range scan each), merged. Only the page's rows are
+# read in full, and only a `forked` one (it has siblings) looks them up: most messages have none.
 # The items are serialize.message_out's shape, written by PostgreSQL (measured: a third of the CPU of
 # rows made into dicts and encoded here, and less than json_build_object or row_to_json). to_json
 # escapes the content; to_char truncates to milliseconds as serialize.iso does.
@@ -358,13 +386,13 @@ _LIST_PATH = f"""
                     ELSE (SELECT m.id FROM messages m WHERE m.id = %(leaf_id)s::uuid AND m.chat_id = c.id)
                END AS leaf_id
         FROM chats c WHERE c.id = %(chat_id)s AND c.user_id = %(user_id)s
-    ), path AS (
-        SELECT m.id, m.parent_id, m.seq FROM head JOIN messages m ON m.id = head.leaf_id
-        UNION ALL
-        SELECT m.id, m.parent_id, m.seq FROM path JOIN messages m ON m.id = path.parent_id
-        WHERE path.seq > %(after)s
-    ), page AS (
-        SELECT id FROM path WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s + 1
+    ), {path_segments("(SELECT leaf_id FROM head)", after="%(after)s")}, page AS (
+        SELECT x.id, x.seq FROM path_segments s, LATERAL (
+            SELECT m.id, m.seq FROM messages m
+            WHERE m.segment_id = s.segment_id AND m.seq > %(after)s AND m.seq <= s.upto
+            ORDER BY m.seq LIMIT %(limit)s + 1
+        ) x
+        ORDER BY x.seq LIMIT %(limit)s + 1
     )
     SELECT head.leaf_id, m.seq,
            '{{"id":"' || m.id || '","chatId":"' || m.chat_id

@@ -17,7 +17,7 @@ import redis
 from psycopg import errors as pg_errors
 
 from minichat import auth, buffer, db, events, kv, limits
-from minichat.chats import answer_parent, insert_message, owned_chat_for_update
+from minichat.chats import answer_parent, insert_message, owned_chat_for_update, path_segments
 from minichat.chats import delete_chat as _delete_chat_rows
 from minichat.config import get_settings
 from minichat.errors import GenerationInFlight, InvalidToken, MiniChatError, NotFound, ServiceUnavailable
@@ -293,19 +293,20 @@ def prompt_for(
 
 def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
     """(role, content) of the path that leads to the generation's answer (its newest messages), oldest
-    first: nothing from other branches. One recursive query up the parents."""
+    first: nothing from other branches. One query: the path's segments, the newest of each, merged."""
     rows = conn.execute(
-        """
-        WITH RECURSIVE path AS (
-            SELECT m.parent_id, m.seq, m.role, m.content, 1 AS depth
-            FROM generations g JOIN messages m ON m.id = g.parent_message_id WHERE g.id = %s
-            UNION ALL
-            SELECT m.parent_id, m.seq, m.role, m.content, path.depth + 1
-            FROM path JOIN messages m ON m.id = path.parent_id WHERE path.depth < %s
+        f"""
+        WITH RECURSIVE {path_segments("(SELECT parent_message_id FROM generations WHERE id = %(id)s)")},
+        newest AS (
+            SELECT x.id, x.seq FROM path_segments s, LATERAL (
+                SELECT m.id, m.seq FROM messages m WHERE m.segment_id = s.segment_id AND m.seq <= s.upto
+                ORDER BY m.seq DESC LIMIT %(limit)s
+            ) x
+            ORDER BY x.seq DESC LIMIT %(limit)s
         )
-        SELECT role, content FROM path ORDER BY seq
+        SELECT m.role, m.content FROM newest JOIN messages m ON m.id = newest.id ORDER BY newest.seq
         """,
-        (generation_id, _HISTORY_LIMIT),
+        {"id": generation_id, "limit": _HISTORY_LIMIT},
     ).fetchall()
     return [(r["role"], r["content"]) for r in rows]
 
@@ -326,17 +327,23 @@ def finish(
     Returns the updated row, or None when another party ended the generation first.
     """
     assert outcome.status in TERMINAL
+    # The chat's row lock first, as every writer of a chat's messages takes it (chats.insert_message),
+    # and in this statement, before the answer's insert: one round trip.
     row = conn.execute(
         f"""
+        WITH chat AS (
+            SELECT c.id FROM generations g JOIN chats c ON c.id = g.chat_id WHERE g.id = %s FOR UPDATE OF c
+        )
         UPDATE generations
         SET status = %s, finished_at = now(), input_tokens = %s, output_tokens = %s,
             usage_estimated = %s, error_code = %s, error_message = %s, finish_reason = %s
-        WHERE id = %s AND status = ANY(%s)
+        WHERE id = %s AND status = ANY(%s) AND EXISTS (SELECT 1 FROM chat)
           AND (%s::float8 IS NULL
                OR COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s::float8))
         RETURNING {COLUMNS}
         """,
         (
+            generation_id,
             outcome.status,
             outcome.input_tokens,
             outcome.output_tokens,
