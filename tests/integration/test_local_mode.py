@@ -181,7 +181,11 @@ def test_schema_constraints(db: Any) -> None:
         0
     ]
     with pytest.raises(psycopg.errors.CheckViolation):
-        db.execute("INSERT INTO messages (chat_id, role, content) VALUES (%s, 'admin', 'x')", (chat,))
+        db.execute(
+            "INSERT INTO messages (chat_id, role, content, segment_id)"
+            " VALUES (%s, 'admin', 'x', gen_random_uuid())",
+            (chat,),
+        )
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute(
             "INSERT INTO generations (chat_id, user_id, model, status) VALUES (%s, %s, 'm', 'done')",
