@@ -19,7 +19,6 @@ unzipped. Sizes are file bytes (MB = 10^6 bytes), and a deflate zip of each, as 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import resource
 import shutil
@@ -30,6 +29,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from minichat_local.functions import load_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1_000_000
@@ -50,11 +51,7 @@ DRIVER = (
 
 def sam_build() -> tuple[Path, str]:
     """The up-to-date build folder and the Python 3.12 it is built for (infra/deploy/sam_build.py)."""
-    path = ROOT / "infra" / "deploy" / "sam_build.py"
-    spec = importlib.util.spec_from_file_location("sam_build", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_path(ROOT / "infra" / "deploy" / "sam_build.py")
     return module.ensure_built(), module.python312()
 
 

@@ -12,12 +12,12 @@ template) on every `make test`, so a route added to the app and not to the templ
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+
+from minichat_local.functions import load_function
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
@@ -25,24 +25,16 @@ STREAM_ROUTE = ("/api/generations/{generation_id}/stream", "GET")
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
-def _load(path: Path, name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def chalice_routes() -> set[tuple[str, str]]:
     """(path, METHOD) for every route of functions/api/app.py's Chalice app."""
     os.environ.setdefault("MINICHAT_LOG_LEVEL", "WARNING")
-    app = _load(ROOT / "functions" / "api" / "app.py", "minichat_api_app").app
+    app = load_function("api").app
     return {(path, method.upper()) for path, methods in app.routes.items() for method in methods}
 
 
 def stream_routes() -> set[tuple[str, str]]:
     """(path, METHOD) that the public API sends to the stream function: its Starlette app's SSE route."""
-    app = _load(ROOT / "functions" / "stream" / "app.py", "minichat_stream_app").app
+    app = load_function("stream").app
     found = set()
     for route in app.routes:
         methods = sorted(m for m in (getattr(route, "methods", None) or ()) if m != "HEAD")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# The one loader of files by path (standard library only); this script also runs outside .venv.
+sys.path.insert(0, str(ROOT / "local"))
+from minichat_local.functions import load_path  # noqa: E402
+
 CHECKED = ROOT / ".aws-sam" / "checked"
 KEEP = 3  # builds kept (the newest), so a test run still reading an older one is not disturbed
 # What the built artifacts are made of: a change to any of these rebuilds.
@@ -67,11 +70,7 @@ def aws_tools() -> Path:
 
 def python312() -> str:
     """The Python 3.12 the artifacts are built for (see build_artifacts.python312)."""
-    spec = importlib.util.spec_from_file_location("build_artifacts", ROOT / "infra/deploy/build_artifacts.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    found: str = module.python312()
+    found: str = load_path(ROOT / "infra" / "deploy" / "build_artifacts.py").python312()
     return found
 
 

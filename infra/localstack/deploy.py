@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import io
 import json
 import re
@@ -35,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# The one loader of files by path (standard library only); this script runs with the AWS tools' Python.
+sys.path.insert(0, str(ROOT / "local"))
+from minichat_local.functions import load_path  # noqa: E402
+
 REGION = "us-east-1"
 ACCOUNT = "000000000000"  # LocalStack's default account
 PREFIX = "minichat-local"
@@ -48,15 +51,6 @@ SERVICE_ENV = {
 NOT_DEPLOYED = {
     "StreamFunction": "needs the Lambda Web Adapter layer and response streaming (not run by LocalStack)",
 }
-
-
-def _load(relative: str) -> Any:
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def function_name(logical_id: str) -> str:
@@ -264,13 +258,13 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    template = _load("infra/deploy/sam_translate.py").translate(ROOT / "template.yaml")
+    template = load_path(ROOT / "infra" / "deploy" / "sam_translate.py").translate(ROOT / "template.yaml")
     the_plan = plan(template)
     build_dir = Path("(sam build)")
     if args.dry_run:
         print_plan(the_plan, build_dir=build_dir, endpoint=args.endpoint, stage=args.stage)
         return 0
-    build_dir = _load("infra/deploy/sam_build.py").ensure_built()
+    build_dir = load_path(ROOT / "infra" / "deploy" / "sam_build.py").ensure_built()
     print_plan(the_plan, build_dir=build_dir, endpoint=args.endpoint, stage=args.stage)
     deploy(
         the_plan, build_dir=build_dir, endpoint=args.endpoint, stage=args.stage, migrate=not args.no_migrate

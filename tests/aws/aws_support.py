@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import uuid
@@ -11,6 +10,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from minichat_local.functions import load_path
 
 ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS = (
@@ -35,12 +36,7 @@ TOOL_ENV = {
 
 def load_script(relative: str) -> ModuleType:
     """A helper script of the repository (infra/...), loaded by path: they are not a package."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_path(ROOT / relative)
 
 
 def run_tool(

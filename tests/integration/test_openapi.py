@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import re
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 
 from helpers import Api, assert_error
 from minichat import errors, validate
-from minichat_local.functions import load_function, repo_root
+from minichat_local.functions import load_function, load_path, repo_root
 from minichat_local.server import _STREAM_ROUTE
 
 DOCUMENT_PATH = repo_root() / "functions" / "api" / "chalicelib" / "openapi.json"
@@ -35,13 +34,7 @@ PUBLIC = {
 
 
 def _build_script() -> ModuleType:
-    path = repo_root() / "infra" / "build_openapi.py"
-    spec = importlib.util.spec_from_file_location("minichat_build_openapi", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_path(repo_root() / "infra" / "build_openapi.py")
 
 
 @pytest.fixture(scope="module")
