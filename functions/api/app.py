@@ -34,7 +34,7 @@ from minichat.errors import (
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.log import request_id as current_request_id
 from minichat.providers import ProviderRegistry
-from minichat.serialize import utcnow
+from minichat.serialize import public_path_prefix, utcnow
 from minichat.validate import (
     EMAIL,
     MAX_BODY_BYTES,
@@ -478,15 +478,10 @@ def create_generation(chat_id: str) -> dict[str, Any]:
 
 
 def _stage_prefix() -> str:
-    """`/{stage}` when called through API Gateway's default host, whose paths start with the stage
-    (a custom domain mapped at `/`, CloudFront's one origin, and local mode have none): streamUrl must be
-    a working path. CloudFront reaches the default host too, and says so with a header of its own."""
     request = _request()
-    stage = request.context.get("stage")
-    headers = request.headers
-    if not stage or ".execute-api." not in headers.get("host", "") or "x-minichat-origin" in headers:
-        return ""
-    return f"/{stage}"
+    return public_path_prefix(
+        stage=request.context.get("stage"), host=request.headers.get("host", ""), headers=request.headers
+    )
 
 
 @route("/api/generations/{generation_id}", methods=["GET"])

@@ -24,14 +24,12 @@ from minichat import accounts, auth, limits
 from minichat.config import get_settings
 from minichat.errors import InvalidToken, MethodNotAllowed, MiniChatError, NotFound, RateLimited
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
-from minichat.serialize import utcnow
 from minichat.streaming import Engine
 from minichat.validate import parse_uuid
 
 setup_logging(get_settings().log_level)
 log = get_logger("minichat.stream")
 _STREAM_PATH = re.compile(r"^/api/generations/[^/]+/stream/?$")
-_TICKET_GRACE_S = 600  # a ticket keeps working 10 minutes after its generation ends
 _SLOT_RETRY_AFTER_S = 5  # a user's connections come and go: try again soon
 _RENEW_SLOT_S = limits.STREAM_LEASE_MS / 3000  # pings come every 15 s at least, so leases never lapse
 _releases: set[asyncio.Task[None]] = set()
@@ -75,9 +73,8 @@ async def stream(request: Request) -> Response:
         return _error(error, request_id)
     try:
         opened = await engine.open(generation_id=generation_id, user_id=user_id)
-        finished_at = opened.row["finished_at"]
-        if ticket and finished_at is not None and (utcnow() - finished_at).total_seconds() > _TICKET_GRACE_S:
-            raise InvalidToken("The stream ticket has expired.")
+        if ticket:
+            auth.check_stream_ticket_grace(opened.row["finished_at"])
     except MiniChatError as error:
         _give_back(engine, user_id, slot)
         return _error(error, request_id)

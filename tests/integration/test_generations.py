@@ -381,6 +381,30 @@ def test_stream_auth(api: Api) -> None:
     api.request("POST", f"/api/generations/{b['generationId']}/cancel", user=other)
 
 
+def test_a_ticket_stops_opening_the_stream_ten_minutes_after_the_end(api: Api, db: Any) -> None:
+    owner = api.register()
+    started = _start(api, owner)
+    stream = _open(api, started)
+    stream.until_done()
+    stream.close()
+    db.execute(
+        "UPDATE generations SET finished_at = now() - interval '9 minutes' WHERE id = %s",
+        (started["generationId"],),
+    )
+    stream = _open(api, started)  # within the grace: the whole sequence again
+    assert stream.until_done()[-1][1]["status"] == "succeeded"
+    stream.close()
+    db.execute(
+        "UPDATE generations SET finished_at = now() - interval '11 minutes' WHERE id = %s",
+        (started["generationId"],),
+    )
+    assert_error(api.http.get(started["streamUrl"]), 401, "invalid_token")
+    path = f"/api/generations/{started['generationId']}/stream"
+    stream = EventStream(api.http, path, owner.headers)  # an access token has no such limit
+    assert stream.until_done()[-1][1]["status"] == "succeeded"
+    stream.close()
+
+
 def test_another_users_generation_is_not_found(api: Api, db: Any) -> None:
     owner, other = api.register(), api.register()
     started = _start(api, owner)

@@ -7,7 +7,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -23,6 +23,7 @@ from minichat.serialize import user_out
 __all__ = [
     "Principal",
     "authenticate",
+    "check_stream_ticket_grace",
     "hash_password",
     "issue_access_token",
     "issue_stream_ticket",
@@ -46,8 +47,9 @@ _DUMMY_HASH = (
 _ALGORITHM = "HS256"
 _ACCESS_TYP = "access"
 _STREAM_TYP = "stream"
-# A hard cap on a ticket's life; the stream route also refuses it 10 minutes after the generation ends.
+# A hard cap on a ticket's life; it is also refused once its generation ended longer ago than the grace.
 STREAM_TICKET_MAX_AGE = 2 * 3600
+STREAM_TICKET_GRACE_S = 600
 
 
 def hash_password(password: str) -> str:
@@ -164,6 +166,15 @@ def verify_stream_ticket(ticket: str, *, generation_id: str, settings: Settings 
     if claims.get("typ") != _STREAM_TYP or claims.get("gen") != generation_id:
         raise InvalidToken("The stream ticket is not for this generation.")
     return Principal(user_id=str(claims["sub"]))
+
+
+def check_stream_ticket_grace(finished_at: datetime | None, *, now: datetime | None = None) -> None:
+    """A ticket keeps opening its stream until 10 minutes after the generation ended (SPEC: `streamUrl`);
+    InvalidToken after that. Only a ticket has this limit: an access token opens the stream any time."""
+    if finished_at is None:
+        return
+    if ((now or datetime.now(UTC)) - finished_at).total_seconds() > STREAM_TICKET_GRACE_S:
+        raise InvalidToken("The stream ticket has expired.")
 
 
 def _token_hash(token: str) -> bytes:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["chat_out", "iso", "message_out", "user_out", "utcnow"]
+__all__ = ["chat_out", "iso", "message_out", "public_path_prefix", "user_out", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -17,6 +18,19 @@ def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def public_path_prefix(*, stage: str | None, host: str, headers: Mapping[str, str]) -> str:
+    """What goes before a path the API returns (`streamUrl`) so that the client can open it as it is.
+
+    `/{stage}` when the request came through API Gateway's default host, whose paths start with the
+    stage; nothing through a custom domain mapped at `/`, CloudFront's one origin, or local mode.
+    CloudFront reaches the default host too, and says so with a header of its own (template.yaml,
+    WebDistribution). `headers`: the request's, by lower-case name (or a case-insensitive mapping).
+    """
+    if not stage or ".execute-api." not in host or "x-minichat-origin" in headers:
+        return ""
+    return f"/{stage}"
 
 
 def user_out(row: dict[str, Any]) -> dict[str, Any]:
