@@ -51,7 +51,7 @@ def _last_event_id(request: Request) -> int:
 def _request_id(incoming: str | None) -> str:
     # A new id the way accept_request_id makes one (32 hex digits), but without uuid4's os.urandom: that
     # call releases the GIL, and in a burst of streams taking it back from the API's and the database's
-    # threads cost the event loop about 0.6 ms a call (profiled). A request id must be unique, not secret.
+    # threads stalls the event loop (docs/architecture.md). A request id must be unique, not secret.
     if incoming:
         return accept_request_id(incoming)
     return f"{random.getrandbits(128):032x}"

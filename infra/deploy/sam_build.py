@@ -40,8 +40,8 @@ INPUTS = (
     "layers/core/minichat",
     "functions",
 )
-ARTIFACTS = (
-    "CoreLayer",
+# The template's Lambda functions (tests/aws reads this list too), and what `sam build` makes of them.
+FUNCTIONS = (
     "ApiFunction",
     "StreamFunction",
     "WorkerFunction",
@@ -50,6 +50,7 @@ ARTIFACTS = (
     "PurgeFunction",
     "MigrateFunction",
 )
+ARTIFACTS = ("CoreLayer", *FUNCTIONS)
 # No telemetry, no AWS account: `sam build` needs neither.
 TOOL_ENV = {"SAM_CLI_TELEMETRY": "0", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 

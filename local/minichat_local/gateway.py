@@ -48,9 +48,9 @@ class ChaliceBridge:
         self._gateway = _Gateway(chalice_app, Config(chalice_stage="local", config_from_disk={}))
         # A few threads, enough to overlap one request's database and Redis waits with another's work:
         # the requests share one GIL (and the event loop's), so more threads only make a burst of
-        # requests share it too, all finishing late together instead of one after the other. With 4
-        # rather than 32, a burst of 100 generation creates let the first streams start ~200 ms sooner
-        # (bench/bench_stream.py, TTFT p50), at the same throughput. The threads stay: anyio's ended
+        # requests share it too, all finishing late together instead of one after the other: with 4
+        # rather than 32, the first streams of a burst of creates start sooner (bench/bench_stream.py, TTFT
+        # p50; docs/architecture.md), at the same throughput. The threads stay: anyio's ended
         # after 10 s idle, and a burst started them again on the event loop, in front of running streams.
         self._executor = _Threads(threads, "minichat-api")
         self._cancels = _Threads(2, "minichat-api-cancel")

@@ -14,15 +14,6 @@ import pytest
 from minichat_local.functions import load_path
 
 ROOT = Path(__file__).resolve().parents[2]
-FUNCTIONS = (
-    "ApiFunction",
-    "StreamFunction",
-    "WorkerFunction",
-    "RelayFunction",
-    "ReaperFunction",
-    "PurgeFunction",
-    "MigrateFunction",
-)
 # Environment for every tool run: no telemetry, no AWS account, no call out.
 TOOL_ENV = {
     "SAM_CLI_TELEMETRY": "0",
@@ -37,6 +28,9 @@ TOOL_ENV = {
 def load_script(relative: str) -> ModuleType:
     """A helper script of the repository (infra/...), loaded by path: they are not a package."""
     return load_path(ROOT / relative)
+
+
+FUNCTIONS: tuple[str, ...] = load_script("infra/deploy/sam_build.py").FUNCTIONS
 
 
 def run_tool(

@@ -81,6 +81,17 @@ def test_an_orphaned_stream_is_failed_with_its_partial_answer(api: Api, db: Any,
     assert [p[0]["estimated"] for p in usage] == [True]
 
 
+def test_a_reaped_buffer_is_kept_as_long_as_the_settings_say(
+    api: Api, db: Any, redis_client: Any, settings_with: Any
+) -> None:
+    settings_with(stream_buffer_ttl=7 * 86400)  # MINICHAT_STREAM_BUFFER_TTL
+    user = api.register()
+    gid = _queued(api, user)["generationId"]
+    _orphan(db, redis_client, gid, "Partial")
+    assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 1, "skipped": 0}
+    assert redis_client.ttl(buffer.key(gid)) > 6 * 86400
+
+
 def test_a_live_heartbeat_is_never_reaped(api: Api, db: Any) -> None:
     user = api.register()
     started = _queued(api, user)

@@ -37,10 +37,11 @@ __all__ = [
     "verify_stream_ticket",
 ]
 
-# argon2id at OWASP's minimum (m=19 MiB, t=2, p=1): ~30 ms a hash here.
+# argon2id at OWASP's minimum (m=19 MiB, t=2, p=1): tens of ms of CPU a hash (docs/architecture.md).
 _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16)
 # Verified against when the email is unknown, so a login costs the same either way. A constant (of a
-# random password nobody knows) with the same parameters: hashing one at import cost ~30 ms a cold start.
+# random password nobody knows) with the same parameters: hashing one at import would cost a hash per cold
+# start.
 _DUMMY_HASH = (
     "$argon2id$v=19$m=19456,t=2,p=1$sfCRYTPcPpsUgQErZQxOwg$YPW/II4Qgb4+7nza9avyAkB77nYcXNH4zido4o/b40Y"
 )
@@ -223,7 +224,7 @@ def _auth_reply(user: dict[str, Any], refresh_token: str, settings: Settings) ->
 def register(*, email: str, password: str) -> dict[str, Any]:
     """Create an account and sign it in; EmailTaken when the email exists in any letter case."""
     settings = get_settings()
-    password_hash = hash_password(password)  # outside the transaction: ~30 ms of CPU
+    password_hash = hash_password(password)  # outside the transaction: a hash is slow on purpose
     with db.transaction() as conn:
         try:
             user = conn.execute(

@@ -20,10 +20,10 @@ __all__ = ["OpenAIServer", "Settings", "get_settings", "set_settings"]
 _MIN_SECRET_BYTES = 32  # 256 bits
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: float, *, low: int, high: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
-        return default
+        return int(default)
     try:
         value = int(raw)
     except ValueError:
@@ -192,9 +192,11 @@ class Settings:
             jwt_secret_value=env.get("MINICHAT_JWT_SECRET") or None,
             jwt_secret_arn=env.get("MINICHAT_JWT_SECRET_ARN") or None,
             jwt_secret_file=env.get("MINICHAT_JWT_SECRET_FILE") or None,
-            access_token_ttl=_int(env, "MINICHAT_ACCESS_TOKEN_TTL", 900, low=30, high=24 * 3600),
+            access_token_ttl=_int(
+                env, "MINICHAT_ACCESS_TOKEN_TTL", defaults.access_token_ttl, low=30, high=24 * 3600
+            ),
             refresh_token_ttl=_int(
-                env, "MINICHAT_REFRESH_TOKEN_TTL", 30 * 24 * 3600, low=60, high=365 * 86400
+                env, "MINICHAT_REFRESH_TOKEN_TTL", defaults.refresh_token_ttl, low=60, high=365 * 86400
             ),
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
@@ -206,24 +208,40 @@ class Settings:
             or env.get("AWS_DEFAULT_REGION")
             or None,
             bedrock_endpoint_url=env.get("MINICHAT_BEDROCK_ENDPOINT_URL") or None,
-            bedrock_max_streams=_int(env, "MINICHAT_BEDROCK_MAX_STREAMS", 128, low=1, high=1000),
+            bedrock_max_streams=_int(
+                env, "MINICHAT_BEDROCK_MAX_STREAMS", defaults.bedrock_max_streams, low=1, high=1000
+            ),
             model_limits=_model_limits(env),
             default_model=env.get("MINICHAT_DEFAULT_MODEL") or None,
-            context_tokens=_int(env, "MINICHAT_CONTEXT_TOKENS", 16_000, low=256, high=2_000_000),
-            provider_first_token_timeout=_int(
-                env, "MINICHAT_PROVIDER_FIRST_TOKEN_TIMEOUT", 60, low=1, high=900
+            context_tokens=_int(
+                env, "MINICHAT_CONTEXT_TOKENS", defaults.context_tokens, low=256, high=2_000_000
             ),
-            provider_idle_timeout=_int(env, "MINICHAT_PROVIDER_IDLE_TIMEOUT", 60, low=1, high=900),
-            stream_buffer_ttl=_int(env, "MINICHAT_STREAM_BUFFER_TTL", 3600, low=3600, high=7 * 86400),
+            provider_first_token_timeout=_int(
+                env,
+                "MINICHAT_PROVIDER_FIRST_TOKEN_TIMEOUT",
+                defaults.provider_first_token_timeout,
+                low=1,
+                high=900,
+            ),
+            provider_idle_timeout=_int(
+                env, "MINICHAT_PROVIDER_IDLE_TIMEOUT", defaults.provider_idle_timeout, low=1, high=900
+            ),
+            stream_buffer_ttl=_int(
+                env, "MINICHAT_STREAM_BUFFER_TTL", defaults.stream_buffer_ttl, low=3600, high=7 * 86400
+            ),
             rate_login_email=env.get("MINICHAT_RATE_LOGIN_EMAIL") or defaults.rate_login_email,
             rate_login_ip=env.get("MINICHAT_RATE_LOGIN_IP") or defaults.rate_login_ip,
             rate_generations=env.get("MINICHAT_RATE_GENERATIONS") or defaults.rate_generations,
             rate_api=env.get("MINICHAT_RATE_API") or defaults.rate_api,
-            daily_token_budget=_int(env, "MINICHAT_DAILY_TOKEN_BUDGET", 0, low=0, high=10**12),
-            max_streams_per_user=_int(env, "MINICHAT_MAX_STREAMS_PER_USER", 8, low=1, high=10_000),
+            daily_token_budget=_int(
+                env, "MINICHAT_DAILY_TOKEN_BUDGET", defaults.daily_token_budget, low=0, high=10**12
+            ),
+            max_streams_per_user=_int(
+                env, "MINICHAT_MAX_STREAMS_PER_USER", defaults.max_streams_per_user, low=1, high=10_000
+            ),
             db_pool_min=_int(env, "MINICHAT_DB_POOL_MIN", pool_min, low=0, high=100),
             db_pool_max=_int(env, "MINICHAT_DB_POOL_MAX", pool_max, low=1, high=200),
-            log_level=(env.get("MINICHAT_LOG_LEVEL") or "INFO").upper(),
+            log_level=(env.get("MINICHAT_LOG_LEVEL") or defaults.log_level).upper(),
         )
 
     def with_(self, **changes: object) -> Settings:

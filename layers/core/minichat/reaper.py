@@ -58,20 +58,16 @@ class ReapResult:
         }
 
 
-def reap(
-    *,
-    queued_for: float = QUEUED_TIMEOUT_S,
-    silent_for: float = SILENCE_TIMEOUT_S,
-    buffer_ttl: int | None = None,
-) -> ReapResult:
-    """End every stale in-flight generation; safe to run from several places at once."""
+def reap(*, queued_for: float = QUEUED_TIMEOUT_S, silent_for: float = SILENCE_TIMEOUT_S) -> ReapResult:
+    """End every stale in-flight generation; safe to run from several places at once. Each buffer it
+    closes is kept MINICHAT_STREAM_BUFFER_TTL seconds, as the engine keeps those it closes."""
     result = ReapResult()
     with db.read() as conn:
         candidates = generations.stale(conn, queued_for=queued_for, silent_for=silent_for)
     if not candidates:
         return result
     client = kv.get_redis()
-    ttl = buffer_ttl or get_settings().stream_buffer_ttl
+    ttl = get_settings().stream_buffer_ttl
     for candidate in candidates:
         generation_id = str(candidate["id"])
         queued = candidate["status"] == "queued"

@@ -37,7 +37,6 @@ __all__ = [
     "Uuid",
     "cursor_pattern",
     "decode_cursor",
-    "email_field",
     "encode_cursor",
     "number_field",
     "parse_day",
@@ -158,12 +157,6 @@ def text_field(
     if not blank and _is_blank(value):
         raise ValidationError(f"Field '{name}' must not be blank.", field=name)
     return value.strip(WHITESPACE) if strip else value
-
-
-def email_field(body: Mapping[str, Any]) -> str:
-    value = EMAIL.read(body, "email", required=True)
-    assert value is not None
-    return value
 
 
 def number_field(
