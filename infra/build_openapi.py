@@ -3,8 +3,9 @@
     python infra/build_openapi.py           # (re)write the file
     python infra/build_openapi.py --check   # exit 1 when the file is not what this script builds
 
-The request bodies come from the API's own request specs (functions/api/app.py, minichat.validate), so
-the documented bounds are the checked ones; the error codes come from minichat.errors. The file is
+The request bodies and the parameters' schemas come from the specs that check them (the API's body specs
+in functions/api/app.py, the parameter specs of minichat.validate), so the documented bounds are the
+checked ones; the error codes come from minichat.errors. The file is
 packaged with the API function and served at GET /api/openapi.json, where `ModelId` also gets the
 deployment's models as its `enum`. tests/integration/test_openapi.py keeps the file equal to this
 script's output and its operations equal to the routes (the Chalice app's and the stream function's).
@@ -105,6 +106,8 @@ def build() -> dict[str, Any]:
         return spec.json_schema()
 
     generation_create = body_schema(api.NEW_GENERATION)
+    model_spec = api.NEW_GENERATION.fields["model"]
+    assert isinstance(model_spec, validate.Text)
     model_description = generation_create["properties"]["model"].get("description", "")
     generation_create["properties"]["model"] = {**nullable(ref("ModelId")), "description": model_description}
 
@@ -119,8 +122,8 @@ def build() -> dict[str, Any]:
         "GenerationCreate": generation_create,
         "ModelId": {
             "type": "string",
-            "minLength": 1,
-            "maxLength": 200,
+            "minLength": model_spec.min_len,
+            "maxLength": model_spec.max_len,
             "description": "A model id from GET /api/models. The served document lists this deployment's "
             "models as the `enum`; any other id is `400 unknown_model`.",
         },
@@ -144,7 +147,7 @@ def build() -> dict[str, Any]:
                 "id": UUID,
                 "title": {
                     "type": ["string", "null"],
-                    "maxLength": 200,
+                    "maxLength": api.TITLE.max_len,
                     "description": "null until the first user message names a chat created without one.",
                 },
                 "createdAt": TIMESTAMP,
@@ -456,50 +459,46 @@ def build() -> dict[str, Any]:
         return {"$ref": f"#/components/responses/{name}"}
 
     parameters: dict[str, Any] = {
-        "ChatId": {
-            "name": "chat_id",
-            "in": "path",
-            "required": True,
-            "schema": {"type": "string", "pattern": validate.UUID_PATTERN},
-        },
+        "ChatId": {"name": "chat_id", "in": "path", "required": True, "schema": validate.ID.json_schema()},
         "GenerationId": {
             "name": "generation_id",
             "in": "path",
             "required": True,
-            "schema": {"type": "string", "pattern": validate.UUID_PATTERN},
+            "schema": validate.ID.json_schema(),
         },
         "LeafId": {
             "name": "leafId",
             "in": "query",
             "description": "List the path to this message of the chat instead of the active one (any other "
             "id, or one that is not a UUID, is `404`).",
-            "schema": {"type": "string", "format": "uuid"},
+            "schema": validate.ID.json_schema(),
         },
         "Limit": {
             "name": "limit",
             "in": "query",
             "description": "Page size.",
-            "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+            "schema": validate.LIMIT.json_schema(),
         },
         "Cursor": {
             "name": "cursor",
             "in": "query",
             "description": "The `nextCursor` of the previous page (opaque; empty: the first page). Any value "
             "of this shape names a position in the list; anything else is `400`.",
-            "schema": {"type": "string", "pattern": validate.cursor_pattern(chats.MESSAGES_CURSOR_SIZE)},
+            "schema": validate.Cursor(chats.MESSAGES_CURSOR_SIZE).json_schema(),
         },
         "ChatsCursor": {
             "name": "cursor",
             "in": "query",
             "description": "The `nextCursor` of the previous page (opaque; empty: the first page). Any value "
             "of this shape names a position in the list; anything else is `400`.",
-            "schema": {"type": "string", "pattern": validate.cursor_pattern(chats.CHATS_CURSOR_SIZE)},
+            "schema": validate.Cursor(chats.CHATS_CURSOR_SIZE).json_schema(),
         },
         "IdempotencyKey": {
             "name": "Idempotency-Key",
             "in": "header",
-            "description": "1-255 printable ASCII characters; see the conventions above.",
-            "schema": {"type": "string", "maxLength": 255, "pattern": "^[!-~](?:[ -~]*[!-~])?$"},
+            "description": f"1-{validate.IDEMPOTENCY_KEY.max_len} printable ASCII characters; see the "
+            "conventions above.",
+            "schema": validate.IDEMPOTENCY_KEY.json_schema(),
         },
         "RequestId": {
             "name": "X-Request-Id",
@@ -514,13 +513,13 @@ def build() -> dict[str, Any]:
             "description": "First UTC day (default: 29 days before `to`). A reply covers at most 366 days: "
             "an earlier `from` reads as 365 days before `to`. A `from` after `to` is an empty range (no "
             "days, zero totals).",
-            "schema": {"type": "string", "format": "date"},
+            "schema": validate.Day("from").json_schema(),
         },
         "To": {
             "name": "to",
             "in": "query",
             "description": "Last UTC day (default: today).",
-            "schema": {"type": "string", "format": "date"},
+            "schema": validate.Day("to").json_schema(),
         },
         "LastEventIdHeader": {
             "name": "Last-Event-ID",

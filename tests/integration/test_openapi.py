@@ -258,6 +258,60 @@ def test_a_field_schema_accepts_exactly_what_its_check_accepts(
     agree()
 
 
+def _parameter_specs() -> dict[str, Any]:
+    from minichat import chats
+
+    return {
+        "ChatId": validate.ID,
+        "GenerationId": validate.ID,
+        "LeafId": validate.ID,
+        "Limit": validate.LIMIT,
+        "Cursor": validate.Cursor(chats.MESSAGES_CURSOR_SIZE),
+        "ChatsCursor": validate.Cursor(chats.CHATS_CURSOR_SIZE),
+        "IdempotencyKey": validate.IDEMPOTENCY_KEY,
+        "From": validate.Day("from"),
+        "To": validate.Day("to"),
+    }
+
+
+def test_every_checked_parameter_is_documented_by_its_spec(document: dict[str, Any]) -> None:
+    parameters = document["components"]["parameters"]
+    for name, spec in _parameter_specs().items():
+        assert parameters[name]["schema"] == spec.json_schema(), name
+
+
+_PARAMETER_TEXT = st.one_of(
+    st.text(st.sampled_from("0123456789abcdefABCDEF-_ xyz=\x00é"), max_size=40),
+    st.uuids().map(str),
+    st.integers(-5, 300).map(str),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=250, max_size=260),
+)
+
+
+@pytest.mark.parametrize("name", ["ChatId", "Limit", "Cursor", "ChatsCursor", "IdempotencyKey"])
+def test_a_parameter_schema_accepts_exactly_what_its_check_accepts(name: str) -> None:
+    spec = _parameter_specs()[name]
+    validator = jsonschema_rs.Draft202012Validator(spec.json_schema(), validate_formats=True)
+
+    def documented(raw: str) -> bool:
+        if isinstance(spec, validate.Limit):
+            # A query string carries text: the schema speaks of the integer it spells (at most 6 digits).
+            return raw.isascii() and raw.isdigit() and len(raw) <= 6 and validator.is_valid(int(raw))
+        return validator.is_valid(raw)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_PARAMETER_TEXT | st.sampled_from(["", " ", " a", "a" * 255, "00050", "200", "201", "1", "0"]))
+    def agree(raw: str) -> None:
+        try:
+            spec.read(raw)
+            accepted = True
+        except (errors.ValidationError, errors.NotFound):
+            accepted = False
+        assert accepted == documented(raw), (name, raw)
+
+    agree()
+
+
 def test_field_combinations_are_refused_by_schema_and_check_alike() -> None:
     """editOf / regenerateOf / content (POST .../generations) and title / activeLeafId (PATCH a chat)."""
     specs = _body_specs()

@@ -18,7 +18,8 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from minichat import db
-from minichat.errors import IdempotencyKeyReused, ValidationError
+from minichat.errors import IdempotencyKeyReused
+from minichat.validate import IDEMPOTENCY_KEY
 
 __all__ = [
     "CLAIM_TIMEOUT_S",
@@ -57,11 +58,7 @@ class Claim:
 
 
 def validate_key(raw: str) -> str:
-    if not 1 <= len(raw) <= 255 or not raw.isascii() or not raw.isprintable():
-        raise ValidationError(
-            "Idempotency-Key must be 1 to 255 printable ASCII characters.", field="Idempotency-Key"
-        )
-    return raw
+    return IDEMPOTENCY_KEY.read(raw)
 
 
 def fingerprint(*, method: str, path: str, body: bytes) -> bytes:

@@ -24,6 +24,9 @@ __all__ = [
     "DAY_PATTERN",
     "EMAIL",
     "EMAIL_PATTERN",
+    "ID",
+    "IDEMPOTENCY_KEY",
+    "LIMIT",
     "MAX_BODY_BYTES",
     "MAX_JSON_DEPTH",
     "NOT_BLANK_PATTERN",
@@ -31,7 +34,12 @@ __all__ = [
     "UUID_PATTERN",
     "WHITESPACE",
     "Body",
+    "Cursor",
+    "Day",
     "FieldRule",
+    "Id",
+    "IdempotencyKey",
+    "Limit",
     "Number",
     "Text",
     "Uuid",
@@ -366,35 +374,113 @@ class Body:
         return schema
 
 
+# --- parameters (path, query, header): each kind declared once, as a spec that reads the raw text (None
+# when absent) and writes the parameter's JSON Schema for the OpenAPI description.
+
+
+@dataclass(frozen=True)
+class Id:
+    """A path id: anything but a UUID (8-4-4-4-12 hex digits) is simply not found."""
+
+    def read(self, raw: str | None) -> str:
+        if raw is None or not _UUID.fullmatch(raw):
+            raise NotFound()
+        return raw.lower()
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": UUID_PATTERN}
+
+
+@dataclass(frozen=True)
+class Day:
+    """A `YYYY-MM-DD` query parameter (a UTC day); None when absent."""
+
+    name: str
+
+    def read(self, raw: str | None) -> date | None:
+        if raw is None:
+            return None
+        try:
+            if not _DAY.fullmatch(raw):
+                raise ValueError(raw)
+            return date.fromisoformat(raw)
+        except ValueError:
+            raise ValidationError(f"'{self.name}' must be a day as YYYY-MM-DD.", field=self.name) from None
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "format": "date"}
+
+
+@dataclass(frozen=True)
+class Limit:
+    """`?limit=`: a page size from 1 to `high`, `default` when absent."""
+
+    default: int = 50
+    high: int = 200
+
+    def read(self, raw: str | None) -> int:
+        if raw is None:
+            return self.default
+        # ASCII digits only (str.isdigit also takes Arabic-Indic or superscript digits), and few of them:
+        # int() refuses 4,300+ digits.
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= self.high:
+            raise ValidationError(f"'limit' must be an integer from 1 to {self.high}.", field="limit")
+        return int(raw)
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "integer", "minimum": 1, "maximum": self.high, "default": self.default}
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """`?cursor=`: the opaque keyset position of `size` values a previous page returned (None: the first)."""
+
+    size: int
+
+    def read(self, raw: str | None) -> list[int] | None:
+        return decode_cursor(raw, size=self.size)
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": cursor_pattern(self.size)}
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """The Idempotency-Key header: 1-255 printable ASCII characters (HTTP strips surrounding spaces)."""
+
+    max_len: int = 255
+    pattern: str = r"^[!-~](?:[ -~]*[!-~])?$"
+
+    def read(self, raw: str) -> str:
+        if len(raw) > self.max_len or not re.fullmatch(self.pattern, raw):
+            raise ValidationError(
+                f"Idempotency-Key must be 1 to {self.max_len} printable ASCII characters.",
+                field="Idempotency-Key",
+            )
+        return raw
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "maxLength": self.max_len, "pattern": self.pattern}
+
+
+ID = Id()
+LIMIT = Limit()
+IDEMPOTENCY_KEY = IdempotencyKey()
+
+
 def parse_day(query: Mapping[str, str], name: str) -> date | None:
     """A `YYYY-MM-DD` query parameter (a UTC day); None when absent."""
-    raw = query.get(name)
-    if raw is None:
-        return None
-    try:
-        if not _DAY.fullmatch(raw):
-            raise ValueError(raw)
-        return date.fromisoformat(raw)
-    except ValueError:
-        raise ValidationError(f"'{name}' must be a day as YYYY-MM-DD.", field=name) from None
+    return Day(name).read(query.get(name))
 
 
 def parse_uuid(value: str | None) -> str:
     """A path id: anything but a UUID (8-4-4-4-12 hex digits) is simply not found."""
-    if value is None or not _UUID.fullmatch(value):
-        raise NotFound()
-    return value.lower()
+    return ID.read(value)
 
 
 def parse_limit(query: Mapping[str, str] | None, *, default: int = 50, high: int = 200) -> int:
-    raw = (query or {}).get("limit")
-    if raw is None:
-        return default
-    # ASCII digits only (str.isdigit also takes Arabic-Indic or superscript digits), and few of them:
-    # int() refuses 4,300+ digits.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= high:
-        raise ValidationError(f"'limit' must be an integer from 1 to {high}.", field="limit")
-    return int(raw)
+    spec = LIMIT if (default, high) == (LIMIT.default, LIMIT.high) else Limit(default, high)
+    return spec.read((query or {}).get("limit"))
 
 
 # A cursor is a keyset position of `size` signed 64-bit integers, base64url without padding. Every string
