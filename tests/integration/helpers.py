@@ -1,4 +1,4 @@
-"""Test helpers for the HTTP API: a thin client and the error-envelope assertion."""
+"""Test helpers for the HTTP API: a thin client (with generation shortcuts), SSE reading, assertions."""
 
 from __future__ import annotations
 
@@ -72,6 +72,32 @@ class Api:
         r = self.request("POST", "/api/chats", user=user, json={} if title is None else {"title": title})
         assert r.status_code == 201, r.text
         return dict(r.json())
+
+    def create_generation(
+        self, user: Account, chat_id: str, *, headers: dict[str, str] | None = None, **body: Any
+    ) -> httpx.Response:
+        """POST /api/chats/{chat_id}/generations with `body` as it is; the reply, whatever it is."""
+        return self.request(
+            "POST", f"/api/chats/{chat_id}/generations", user=user, json=body, headers=headers
+        )
+
+    def generate(
+        self, user: Account, chat_id: str | None = None, *, until_done: bool = False, **body: Any
+    ) -> dict[str, Any]:
+        """Create a generation (in a new chat when `chat_id` is None) and assert it was created: its reply
+        (generationId, generation, streamUrl) plus `chat` (a new chat, or just its id). `until_done`: also
+        follow its stream (by its streamUrl) to `done`, the events in `events`."""
+        chat = self.create_chat(user) if chat_id is None else {"id": chat_id}
+        r = self.create_generation(user, chat["id"], **body)
+        assert r.status_code == 201, r.text
+        created: dict[str, Any] = {"chat": chat, **r.json()}
+        if until_done:
+            stream = EventStream(self.http, created["streamUrl"])
+            try:
+                created["events"] = stream.until_done()
+            finally:
+                stream.close()
+        return created
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:

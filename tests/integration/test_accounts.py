@@ -21,12 +21,7 @@ LONG = " ".join(f"w{i}" for i in range(150))  # mock-slow: 200 ms a word, half a
 
 
 def _start(api: Api, user: Account, content: str, model: str = "mock-echo") -> dict[str, Any]:
-    chat = api.create_chat(user)
-    r = api.request(
-        "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": content, "model": model}
-    )
-    assert r.status_code == 201, r.text
-    return {"chat": chat, **r.json()}
+    return api.generate(user, content=content, model=model)
 
 
 def _rows(db: Any, table: str, user_id: str) -> int:

@@ -93,22 +93,9 @@ def bedrock(world: dict[str, Any]) -> BedrockStub:
     return stub
 
 
-def _start(api: Api, user: Account, content: str, **body: Any) -> dict[str, Any]:
-    chat = api.create_chat(user)
-    r = api.request(
-        "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": content, **body}
-    )
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
 def _run_to_end(api: Api, user: Account, content: str, **body: Any) -> tuple[dict[str, Any], list[Any]]:
-    started = _start(api, user, content, **body)
-    stream = EventStream(api.http, started["streamUrl"])
-    try:
-        return started, stream.until_done()
-    finally:
-        stream.close()
+    started = api.generate(user, until_done=True, content=content, **body)
+    return started, started.pop("events")
 
 
 def _generation(api: Api, user: Account, generation_id: str) -> dict[str, Any]:
@@ -151,7 +138,7 @@ def test_cancel_while_bedrock_is_silent_closes_the_upstream_within_250_ms(
     api: Api, bedrock: BedrockStub
 ) -> None:
     user = api.register()
-    started = _start(api, user, "stall please", model="stub-stall-after-1")
+    started = api.generate(user, content="stall please", model="stub-stall-after-1")
     stream = EventStream(api.http, started["streamUrl"])
     try:
         assert stream.next()[1] == {"type": "delta", "delta": "w0"}
@@ -256,18 +243,8 @@ def test_prompt_trimming_uses_the_models_own_context(api: Api, world: dict[str, 
             "POST", f"/api/chats/{chat['id']}/messages", user=user, json={"content": f"{index} " + "x" * 4000}
         )
         assert r.status_code == 201, r.text
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=user,
-        json={"content": "last", "model": "beta-tiny"},
-    )
-    assert r.status_code == 201, r.text
-    stream = EventStream(api.http, r.json()["streamUrl"])
-    try:
-        assert stream.until_done()[-1][1]["status"] == "succeeded"
-    finally:
-        stream.close()
+    created = api.generate(user, chat["id"], until_done=True, content="last", model="beta-tiny")
+    assert created["events"][-1][1]["status"] == "succeeded"
     sent = beta.stats.last_request["messages"]
     assert sent[-1] == {"role": "user", "content": "last"}
     assert [m["content"][:2] for m in sent[:-1]] == ["1 ", "2 ", "3 "]  # 0 did not fit
@@ -276,9 +253,7 @@ def test_prompt_trimming_uses_the_models_own_context(api: Api, world: dict[str, 
 def test_an_unknown_model_is_refused(api: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    r = api.request(
-        "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "x", "model": "gpt-nope"}
-    )
+    r = api.create_generation(user, chat["id"], content="x", model="gpt-nope")
     assert_error(r, 400, "unknown_model")
 
 

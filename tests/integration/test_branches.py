@@ -19,10 +19,6 @@ from minichat.chats import _LIST_PATH
 from minichat.migrate import apply_migrations, migrations_dir
 
 
-def _create(api: Api, user: Account, chat_id: str, **body: Any) -> httpx.Response:
-    return api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json=body)
-
-
 def _finish(api: Api, created: httpx.Response) -> list[tuple[int, dict[str, Any]]]:
     assert created.status_code == 201, created.text
     stream = EventStream(api.http, created.json()["streamUrl"])
@@ -34,7 +30,7 @@ def _finish(api: Api, created: httpx.Response) -> list[tuple[int, dict[str, Any]
 
 def _ask(api: Api, user: Account, chat_id: str, **body: Any) -> dict[str, Any]:
     """Run a generation to its end; returns its answer (the path's last message)."""
-    created = _create(api, user, chat_id, **body)
+    created = api.create_generation(user, chat_id, **body)
     _finish(api, created)
     answer = _path(api, user, chat_id)[-1]
     assert answer["role"] == "assistant" and answer["generationId"] == created.json()["generationId"]
@@ -82,7 +78,7 @@ def test_an_unbranched_chat_is_one_path_and_its_leaf_follows_every_append(api: A
     assert first["parentId"] is None and first["siblingIds"] == [first["id"]]
     assert _chat(api, user, chat["id"])["activeLeafId"] == first["id"]
 
-    created = _create(api, user, chat["id"], content="second")
+    created = api.create_generation(user, chat["id"], content="second")
     question = _path(api, user, chat["id"])[-1]
     # The create moves the leaf to the new user message, which follows the old leaf ...
     assert question["content"] == "second" and question["parentId"] == first["id"]
@@ -102,7 +98,7 @@ def test_regenerate_twice_gives_three_sibling_answers(api: Api) -> None:
     first = _ask(api, user, chat["id"], content="the question")
     question = _path(api, user, chat["id"])[0]
 
-    created = _create(api, user, chat["id"], regenerateOf=first["id"])
+    created = api.create_generation(user, chat["id"], regenerateOf=first["id"])
     # Until the new answer arrives, the chat shows the prompt: the parent of the regenerated answer.
     assert _chat(api, user, chat["id"])["activeLeafId"] == question["id"]
     assert _ids(_path(api, user, chat["id"])) == [question["id"]]
@@ -128,7 +124,7 @@ def test_an_edit_of_the_first_message_makes_a_new_root(api: Api) -> None:
     chat = api.create_chat(user)
     answer = _ask(api, user, chat["id"], content="helo")
     original = _path(api, user, chat["id"])[0]
-    created = _create(api, user, chat["id"], content="hello", editOf=original["id"])
+    created = api.create_generation(user, chat["id"], content="hello", editOf=original["id"])
     edited = _path(api, user, chat["id"])
     assert _turns(edited) == [("user", "hello")]
     assert _chat(api, user, chat["id"])["activeLeafId"] == edited[0]["id"]
@@ -177,7 +173,7 @@ def test_plain_creates_append_to_the_active_leaf(api: Api) -> None:
 def test_a_create_without_content_answers_the_active_leaf(api: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    created = _create(api, user, chat["id"], content="are you there?", model="mock-slow")
+    created = api.create_generation(user, chat["id"], content="are you there?", model="mock-slow")
     gid = created.json()["generationId"]
     canceled = api.request("POST", f"/api/generations/{gid}/cancel", user=user)
     assert canceled.json()["status"] == "canceled"  # canceled while queued: no answer was written
@@ -270,7 +266,7 @@ def test_the_end_of_a_generation_moves_the_leaf_even_after_a_switch(api: Api) ->
     chat = api.create_chat(user)
     # Ten words: mock-slow takes ~2 s over them, so the switch lands while the answer is written.
     first = _ask(api, user, chat["id"], content="one two three four five six seven eight nine ten")
-    created = _create(api, user, chat["id"], regenerateOf=first["id"], model="mock-slow")
+    created = api.create_generation(user, chat["id"], regenerateOf=first["id"], model="mock-slow")
     stream = EventStream(api.http, created.json()["streamUrl"])
     stream.next()
     _switch(api, user, chat["id"], first["id"])  # the user looks at the old answer meanwhile
@@ -286,7 +282,7 @@ def test_the_end_of_a_generation_moves_the_leaf_even_after_a_switch(api: Api) ->
 def test_a_message_posted_while_an_answer_is_written_branches_off_its_prompt(api: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    created = _create(api, user, chat["id"], content="slow question", model="mock-slow")
+    created = api.create_generation(user, chat["id"], content="slow question", model="mock-slow")
     stream = EventStream(api.http, created.json()["streamUrl"])
     stream.next()
     question = _path(api, user, chat["id"])[0]
@@ -323,12 +319,12 @@ def test_wrong_branch_fields_are_validation_errors(
     ids = {"ANSWER": answer["id"], "QUESTION": answer["parentId"]}
     before = _chat(api, user, chat["id"])
     body = {k: ids.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
-    r = _create(api, user, chat["id"], **body)
+    r = api.create_generation(user, chat["id"], **body)
     assert assert_error(r, 400, "validation_error")["field"] == field
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
     assert _chat(api, user, chat["id"]) == before
-    _finish(api, _create(api, user, chat["id"], regenerateOf=answer["id"]))  # the lock was not kept
+    _finish(api, api.create_generation(user, chat["id"], regenerateOf=answer["id"]))  # the lock was not kept
 
 
 def test_another_chats_and_another_users_message_ids_are_not_found(api: Api, db: Any) -> None:
@@ -346,7 +342,7 @@ def test_another_chats_and_another_users_message_ids_are_not_found(api: Api, db:
 
     for question, answer in ((elsewhere[0], elsewhere[1]), (theirs[0], theirs[1])):
         for body in ({"content": "x", "editOf": question["id"]}, {"regenerateOf": answer["id"]}):
-            assert_error(_create(api, user, chat["id"], **body), 404, "not_found")
+            assert_error(api.create_generation(user, chat["id"], **body), 404, "not_found")
         for message in (question, answer):
             r = api.request(
                 "PATCH", f"/api/chats/{chat['id']}", user=user, json={"activeLeafId": message["id"]}
@@ -357,12 +353,14 @@ def test_another_chats_and_another_users_message_ids_are_not_found(api: Api, db:
             )
             assert_error(r, 404, "not_found")
     missing = str(uuid.uuid4())
-    assert_error(_create(api, user, chat["id"], regenerateOf=missing), 404, "not_found")
+    assert_error(api.create_generation(user, chat["id"], regenerateOf=missing), 404, "not_found")
     for leaf in (missing, "not-a-uuid"):
         r = api.request("GET", f"/api/chats/{chat['id']}/messages", user=user, params={"leafId": leaf})
         assert_error(r, 404, "not_found")
     # Another user's chat with the ids of its own messages: 404 too.
-    assert_error(_create(api, user, foreign_chat["id"], regenerateOf=theirs[1]["id"]), 404, "not_found")
+    assert_error(
+        api.create_generation(user, foreign_chat["id"], regenerateOf=theirs[1]["id"]), 404, "not_found"
+    )
     r = api.request(
         "GET", f"/api/chats/{foreign_chat['id']}/messages", user=user, params={"leafId": theirs[1]["id"]}
     )
@@ -371,23 +369,25 @@ def test_another_chats_and_another_users_message_ids_are_not_found(api: Api, db:
     now = db.execute("SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM generations)").fetchone()
     assert now == counts
     assert _ids(_path(api, user, chat["id"])) == _ids(mine)
-    _finish(api, _create(api, user, chat["id"], regenerateOf=mine[1]["id"]))  # nothing was left locked
+    _finish(
+        api, api.create_generation(user, chat["id"], regenerateOf=mine[1]["id"])
+    )  # nothing was left locked
 
 
 def test_a_regenerate_or_an_edit_while_another_generation_runs_is_409(api: Api) -> None:
     user = api.register()
     chat, busy = api.create_chat(user), api.create_chat(user)
     answer = _ask(api, user, chat["id"], content="q")
-    running = _create(api, user, busy["id"], content="slow one", model="mock-slow")
+    running = api.create_generation(user, busy["id"], content="slow one", model="mock-slow")
     assert running.status_code == 201
     running_id = running.json()["generationId"]
     for body in ({"regenerateOf": answer["id"]}, {"content": "x", "editOf": answer["parentId"]}):
-        error = assert_error(_create(api, user, chat["id"], **body), 409, "generation_in_flight")
+        error = assert_error(api.create_generation(user, chat["id"], **body), 409, "generation_in_flight")
         assert error["generationId"] == running_id
     assert _ids(_path(api, user, chat["id"])) == [answer["parentId"], answer["id"]]
     assert _chat(api, user, chat["id"])["activeLeafId"] == answer["id"]
     api.request("POST", f"/api/generations/{running_id}/cancel", user=user)
-    _finish(api, _create(api, user, chat["id"], regenerateOf=answer["id"]))
+    _finish(api, api.create_generation(user, chat["id"], regenerateOf=answer["id"]))
 
 
 def test_rate_limit_and_budget_hold_for_every_kind_of_create(api: Api, db: Any, settings_with: Any) -> None:
@@ -397,7 +397,7 @@ def test_rate_limit_and_budget_hold_for_every_kind_of_create(api: Api, db: Any, 
     answer = _ask(api, user, chat["id"], content="q")  # the one create of the window
     kinds = [{"regenerateOf": answer["id"]}, {"content": "x", "editOf": answer["parentId"]}, {"content": "y"}]
     for body in kinds:
-        r = _create(api, user, chat["id"], **body)
+        r = api.create_generation(user, chat["id"], **body)
         assert_error(r, 429, "rate_limited")
         assert r.headers["x-ratelimit-limit"] == "1"
     settings_with(daily_token_budget=1)
@@ -408,7 +408,7 @@ def test_rate_limit_and_budget_hold_for_every_kind_of_create(api: Api, db: Any, 
         (user.user_id,),
     )
     for body in kinds:
-        assert_error(_create(api, user, chat["id"], **body), 429, "quota_exceeded")
+        assert_error(api.create_generation(user, chat["id"], **body), 429, "quota_exceeded")
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
 
 
@@ -457,7 +457,7 @@ def test_deleting_a_chat_mid_branch_cleans_up(api: Api, db: Any, redis_client: A
     chat, other = api.create_chat(user), api.create_chat(user)
     first = _ask(api, user, chat["id"], content="q one two three")
     _ask(api, user, chat["id"], content="Q", editOf=first["parentId"])
-    created = _create(api, user, chat["id"], regenerateOf=first["id"], model="mock-slow")
+    created = api.create_generation(user, chat["id"], regenerateOf=first["id"], model="mock-slow")
     stream = EventStream(api.http, created.json()["streamUrl"])
     stream.next()  # streaming a regenerate on a side branch
     deleted = api.request("DELETE", f"/api/chats/{chat['id']}", user=user)

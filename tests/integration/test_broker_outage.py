@@ -120,7 +120,7 @@ def _calls(api: Api, user: Account, chat_id: str) -> dict[str, float]:
     timings["login"] = (time.perf_counter() - started) * 1000
     assert r.status_code == 200, r.text
     started = time.perf_counter()
-    r = api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json={"content": "hi there"})
+    r = api.create_generation(user, chat_id, content="hi there")
     timings["create"] = (time.perf_counter() - started) * 1000
     assert r.status_code == 201, r.text
     started = time.perf_counter()

@@ -113,12 +113,7 @@ def test_stream_process_killed_mid_generation(local_process: LocalProcess, datab
     user = api.register()
     chat = api.create_chat(user)
     words = " ".join(f"w{i}" for i in range(200))
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=user,
-        json={"content": words, "model": "mock-slow"},
-    )
+    r = api.create_generation(user, chat["id"], content=words, model="mock-slow")
     assert r.status_code == 201
     generation_id = r.json()["generationId"]
     stream = EventStream(api.http, r.json()["streamUrl"])
@@ -135,7 +130,7 @@ def test_stream_process_killed_mid_generation(local_process: LocalProcess, datab
         time.sleep(0.5)
     freed_after = time.monotonic() - killed_at
     assert g["status"] == "failed" and g["errorCode"] == "worker_lost"
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "again"})
+    r = api.create_generation(user, chat["id"], content="again")
     assert r.status_code == 201, r.text
     print(f"user free again {freed_after:.1f} s after SIGKILL")
     # The partial answer was recovered from the event buffer.
@@ -155,12 +150,7 @@ def test_postgres_restart_mid_stream(local_mode: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
     api.request("POST", f"/api/chats/{chat['id']}/messages", user=user, json={"content": "hello"})
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=user,
-        json={"content": "a b c d e f g h i j", "model": "mock-slow"},
-    )
+    r = api.create_generation(user, chat["id"], content="a b c d e f g h i j", model="mock-slow")
     stream = EventStream(api.http, r.json()["streamUrl"])
     stream.next()
     with Traffic(api.base_url, user, chat["id"]) as traffic:
@@ -178,24 +168,14 @@ def test_postgres_restart_mid_stream(local_mode: Api) -> None:
     assert events[-1][1]["type"] == "done"
     g = api.request("GET", f"/api/generations/{r.json()['generationId']}", user=user).json()
     assert g["status"] in {"succeeded", "failed"} and g["finishedAt"]
-    assert (
-        api.request(
-            "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "next"}
-        ).status_code
-        == 201
-    )
+    assert api.create_generation(user, chat["id"], content="next").status_code == 201
 
 
 def test_redis_restart_mid_stream(local_mode: Api) -> None:
     api = local_mode
     user = api.register()
     chat = api.create_chat(user)
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=user,
-        json={"content": "a b c d e f g h", "model": "mock-slow"},
-    )
+    r = api.create_generation(user, chat["id"], content="a b c d e f g h", model="mock-slow")
     stream = EventStream(api.http, r.json()["streamUrl"])
     stream.next()
     with Traffic(api.base_url, user, chat["id"]) as traffic:
@@ -209,7 +189,7 @@ def test_redis_restart_mid_stream(local_mode: Api) -> None:
     # Full recovery without restarting MiniChat: generations work again.
     deadline = time.monotonic() + 20
     while True:
-        r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "again"})
+        r = api.create_generation(user, chat["id"], content="again")
         if r.status_code == 201:
             break
         assert_error(r, 503, "service_unavailable")
@@ -223,12 +203,7 @@ def test_redis_restart_mid_stream(local_mode: Api) -> None:
 def test_a_stalling_upstream_model_times_out_and_frees_the_user(api: Api, openai_stub: Any) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=user,
-        json={"content": "hi", "model": "stub-stall-after-2"},
-    )
+    r = api.create_generation(user, chat["id"], content="hi", model="stub-stall-after-2")
     started = time.monotonic()
     stream = EventStream(api.http, r.json()["streamUrl"])
     events = stream.until_done()
@@ -243,4 +218,4 @@ def test_a_stalling_upstream_model_times_out_and_frees_the_user(api: Api, openai
         "done",
     ]
     assert events[-3][1]["code"] == "provider_timeout" and events[-1][1]["status"] == "failed"
-    assert api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={}).status_code == 201
+    assert api.create_generation(user, chat["id"]).status_code == 201

@@ -19,17 +19,6 @@ QUESTION = "Tell me about the quick brown fox"
 SLOW = "one two three four five six seven eight"
 
 
-def _create(api: Api, user: Account, chat_id: str, **body: Any) -> httpx.Response:
-    return api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json=body)
-
-
-def _start(api: Api, user: Account, content: str = QUESTION, **body: Any) -> dict[str, Any]:
-    chat = api.create_chat(user)
-    r = _create(api, user, chat["id"], content=content, **body)
-    assert r.status_code == 201, r.text
-    return {"chat": chat, **r.json()}
-
-
 def _open(api: Api, started: dict[str, Any], headers: dict[str, str] | None = None) -> EventStream:
     return EventStream(api.http, started["streamUrl"], headers)
 
@@ -42,7 +31,7 @@ def _generation(api: Api, user: Account, generation_id: str) -> dict[str, Any]:
 
 def test_happy_path_matches_the_stream_protocol_byte_for_byte(api: Api, db: Any) -> None:
     user = api.register()
-    started = _start(api, user)
+    started = api.generate(user, content=QUESTION)
     assert set(started) == {"chat", "generationId", "generation", "streamUrl"}
     assert started["generation"]["status"] == "queued" and started["generation"]["model"] == "mock-echo"
     assert started["streamUrl"].startswith(f"/api/generations/{started['generationId']}/stream?ticket=")
@@ -76,18 +65,15 @@ def test_happy_path_matches_the_stream_protocol_byte_for_byte(api: Api, db: Any)
 def test_generation_shape_and_request_id(api: Api) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=user,
+    r = api.create_generation(
+        user,
+        chat["id"],
         headers={"X-Request-Id": "req-gen-1"},
-        json={
-            "content": "hi",
-            "model": "mock-echo",
-            "systemPrompt": "Be brief.",
-            "temperature": 0.5,
-            "maxTokens": 64,
-        },
+        content="hi",
+        model="mock-echo",
+        systemPrompt="Be brief.",
+        temperature=0.5,
+        maxTokens=64,
     )
     assert r.status_code == 201, r.text
     g = r.json()["generation"]
@@ -104,7 +90,7 @@ def test_generation_shape_and_request_id(api: Api) -> None:
 
 def test_cancel_while_streaming_keeps_the_partial_answer(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, SLOW, model="mock-slow")
+    started = api.generate(user, content=SLOW, model="mock-slow")
     stream = _open(api, started)
     first = [stream.next(), stream.next()]
     t0 = time.monotonic()
@@ -129,7 +115,7 @@ def test_cancel_while_streaming_keeps_the_partial_answer(api: Api) -> None:
 
 def test_cancel_while_the_model_is_silent(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, "stall here please", model="mock-stall")
+    started = api.generate(user, content="stall here please", model="mock-stall")
     stream = _open(api, started)
     assert stream.next()[1]["type"] == "delta"
     time.sleep(0.3)
@@ -143,7 +129,7 @@ def test_cancel_while_the_model_is_silent(api: Api) -> None:
 
 def test_a_stalled_model_times_out_and_frees_the_user(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, "stall here please", model="mock-stall")
+    started = api.generate(user, content="stall here please", model="mock-stall")
     stream = _open(api, started)
     events = stream.until_done()  # idle timeout is 2 s in the test environment
     stream.close()
@@ -153,16 +139,16 @@ def test_a_stalled_model_times_out_and_frees_the_user(api: Api) -> None:
     assert events[-1][1]["status"] == "failed"
     g = _generation(api, user, started["generationId"])
     assert g["status"] == "failed" and g["errorCode"] == "provider_timeout"
-    assert _create(api, user, started["chat"]["id"], content="again").status_code == 201
+    assert api.create_generation(user, started["chat"]["id"], content="again").status_code == 201
 
 
 def test_cancel_a_queued_generation(api: Api, redis_client: Any) -> None:
     user = api.register()
-    started = _start(api, user)
+    started = api.generate(user, content=QUESTION)
     r = api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
     assert r.status_code == 200 and r.json()["status"] == "canceled" and r.json()["finishedAt"]
     assert redis_client.get(limits.inflight_key(user.user_id)) is None
-    assert _create(api, user, started["chat"]["id"], content="next").status_code == 201
+    assert api.create_generation(user, started["chat"]["id"], content="next").status_code == 201
     stream = _open(api, started)
     events = stream.until_done()
     stream.close()
@@ -171,7 +157,7 @@ def test_cancel_a_queued_generation(api: Api, redis_client: Any) -> None:
 
 def test_provider_error(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, "alpha beta gamma delta epsilon", model="mock-error")
+    started = api.generate(user, content="alpha beta gamma delta epsilon", model="mock-error")
     stream = _open(api, started)
     events = stream.until_done()
     stream.close()
@@ -198,7 +184,7 @@ def _wait_terminal(api: Api, user: Account, generation_id: str, timeout: float =
 
 def test_client_disconnect_does_not_stop_the_generation(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, "a b c d e", model="mock-slow")
+    started = api.generate(user, content="a b c d e", model="mock-slow")
     stream = _open(api, started)
     stream.next()
     stream.close()
@@ -211,7 +197,7 @@ def test_client_disconnect_does_not_stop_the_generation(api: Api) -> None:
 @pytest.mark.parametrize("how", ["header", "query"])
 def test_resume_mid_stream_with_last_event_id(api: Api, how: str) -> None:
     user = api.register()
-    started = _start(api, user, SLOW, model="mock-slow")
+    started = api.generate(user, content=SLOW, model="mock-slow")
     first = _open(api, started)
     head = [first.next() for _ in range(3)]
     first.close()
@@ -228,7 +214,7 @@ def test_resume_mid_stream_with_last_event_id(api: Api, how: str) -> None:
 
 def test_a_stream_opened_after_the_end_replays_the_whole_sequence(api: Api, redis_client: Any) -> None:
     user = api.register()
-    started = _start(api, user)
+    started = api.generate(user, content=QUESTION)
     live = _open(api, started)
     events = live.until_done()
     live.close()
@@ -249,7 +235,7 @@ def test_a_stream_opened_after_the_end_replays_the_whole_sequence(api: Api, redi
 
 def test_two_concurrent_readers_see_identical_sequences(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, SLOW, model="mock-slow")
+    started = api.generate(user, content=SLOW, model="mock-slow")
     results: list[list[tuple[int, dict[str, Any]]]] = []
 
     def read(delay: float) -> None:
@@ -301,7 +287,7 @@ def test_the_next_generation_can_start_as_soon_as_done_is_seen(api: Api) -> None
     user = api.register()
     chat = api.create_chat(user)
     for i in range(3):
-        r = _create(api, user, chat["id"], content=f"turn {i}")
+        r = api.create_generation(user, chat["id"], content=f"turn {i}")
         assert r.status_code == 201, r.text
         stream = EventStream(api.http, r.json()["streamUrl"])
         stream.until_done()
@@ -312,24 +298,26 @@ def test_the_next_generation_can_start_as_soon_as_done_is_seen(api: Api) -> None
 
 def test_a_lock_left_by_a_finished_generation_never_blocks(api: Api, redis_client: Any) -> None:
     user = api.register()
-    started = _start(api, user)
+    started = api.generate(user, content=QUESTION)
     api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
     redis_client.set(limits.inflight_key(user.user_id), started["generationId"], px=60_000)
-    assert _create(api, user, started["chat"]["id"], content="go").status_code == 201
+    assert api.create_generation(user, started["chat"]["id"], content="go").status_code == 201
 
 
 def test_the_database_backstops_a_lost_redis_lock(api: Api, redis_client: Any) -> None:
     user = api.register()
-    started = _start(api, user)
+    started = api.generate(user, content=QUESTION)
     redis_client.delete(limits.inflight_key(user.user_id))
-    r = _create(api, user, started["chat"]["id"], content="second")
+    r = api.create_generation(user, started["chat"]["id"], content="second")
     assert assert_error(r, 409, "generation_in_flight")["generationId"] == started["generationId"]
 
 
 def test_unknown_model_writes_nothing(api: Api, db: Any) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    error = assert_error(_create(api, user, chat["id"], content="hi", model="gpt-nope"), 400, "unknown_model")
+    error = assert_error(
+        api.create_generation(user, chat["id"], content="hi", model="gpt-nope"), 400, "unknown_model"
+    )
     assert "gpt-nope" in error["message"]
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
@@ -353,14 +341,17 @@ def test_unknown_model_writes_nothing(api: Api, db: Any) -> None:
 def test_generation_validation(api: Api, db: Any, body: dict[str, Any], field: str) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    assert assert_error(_create(api, user, chat["id"], **body), 400, "validation_error")["field"] == field
+    assert (
+        assert_error(api.create_generation(user, chat["id"], **body), 400, "validation_error")["field"]
+        == field
+    )
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
 
 
 def test_stream_auth(api: Api) -> None:
     owner, other = api.register(), api.register()
-    a = _start(api, owner)
-    b = _start(api, other)
+    a = api.generate(owner, content=QUESTION)
+    b = api.generate(other, content=QUESTION)
     path = f"/api/generations/{a['generationId']}/stream"
     assert_error(api.http.get(path), 401, "unauthorized")
     ticket_b = b["streamUrl"].split("ticket=")[1]
@@ -383,7 +374,7 @@ def test_stream_auth(api: Api) -> None:
 
 def test_a_ticket_stops_opening_the_stream_ten_minutes_after_the_end(api: Api, db: Any) -> None:
     owner = api.register()
-    started = _start(api, owner)
+    started = api.generate(owner, content=QUESTION)
     stream = _open(api, started)
     stream.until_done()
     stream.close()
@@ -407,25 +398,25 @@ def test_a_ticket_stops_opening_the_stream_ten_minutes_after_the_end(api: Api, d
 
 def test_another_users_generation_is_not_found(api: Api, db: Any) -> None:
     owner, other = api.register(), api.register()
-    started = _start(api, owner)
+    started = api.generate(owner, content=QUESTION)
     gid = started["generationId"]
     assert_error(api.request("GET", f"/api/generations/{gid}", user=other), 404, "not_found")
     assert_error(api.request("POST", f"/api/generations/{gid}/cancel", user=other), 404, "not_found")
-    assert_error(_create(api, other, started["chat"]["id"], content="x"), 404, "not_found")
+    assert_error(api.create_generation(other, started["chat"]["id"], content="x"), 404, "not_found")
     assert db.execute("SELECT status FROM generations").fetchall() == [("queued",)]
     api.request("POST", f"/api/generations/{gid}/cancel", user=owner)
 
 
 def test_deleting_a_chat_ends_its_running_generation_first(api: Api, db: Any, redis_client: Any) -> None:
     user = api.register()
-    started = _start(api, user, SLOW, model="mock-slow")
+    started = api.generate(user, content=SLOW, model="mock-slow")
     stream = _open(api, started)
     stream.next()
     r = api.request("DELETE", f"/api/chats/{started['chat']['id']}", user=user)
     assert r.status_code == 204
     assert redis_client.get(limits.inflight_key(user.user_id)) is None
     other = api.create_chat(user)
-    assert _create(api, user, other["id"], content="right away").status_code == 201
+    assert api.create_generation(user, other["id"], content="right away").status_code == 201
     assert stream.until_done()[-1][1]["type"] == "done"
     stream.close()
     # Usage already counted stays counted: the usage event outlives the chat.
@@ -442,7 +433,7 @@ def test_deleting_a_chat_counts_the_tokens_of_a_run_that_cannot_answer(
     local_process.start()
     remote = Api(local_process.base_url)
     user = api.register()
-    started = _start(api, user, SLOW * 5, model="mock-slow")
+    started = api.generate(user, content=SLOW * 5, model="mock-slow")
     stream = _open(remote, started)  # the first connection: the run is in that process
     seen = [stream.next() for _ in range(3)]
     time.sleep(0.1)  # the buffer writer's batch
@@ -474,7 +465,7 @@ def test_openai_models_stream_through_minichat(api: Api, openai_stub: Any) -> No
 
     user = api.register()
     before = openai_stub.stats.requests
-    started = _start(api, user, "hello upstream", model="stub-tokens-12")
+    started = api.generate(user, content="hello upstream", model="stub-tokens-12")
     stream = _open(api, started)
     events = stream.until_done()
     stream.close()
@@ -492,7 +483,7 @@ def test_openai_models_stream_through_minichat(api: Api, openai_stub: Any) -> No
 
 def test_openai_upstream_failure_is_a_provider_error_without_the_body(api: Api) -> None:
     user = api.register()
-    started = _start(api, user, "x", model="stub-error-500")
+    started = api.generate(user, content="x", model="stub-error-500")
     stream = _open(api, started)
     events = stream.until_done()
     stream.close()
@@ -531,7 +522,7 @@ def test_two_first_connections_in_two_processes_make_one_model_call(
             time.sleep(0.1)
         user = api.register()
         before = openai_stub.stats.requests
-        started = _start(api, user, "race", model="stub-tokens-30-rate-20")
+        started = api.generate(user, content="race", model="stub-tokens-30-rate-20")
         barrier = threading.Barrier(2)
         results: dict[str, list[tuple[int, dict[str, Any]]]] = {}
 

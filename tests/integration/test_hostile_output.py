@@ -46,12 +46,8 @@ def stub_mode(
 
 
 def _generate(api: Api, user: Account, chat_id: str, **body: Any) -> tuple[str, list[tuple[int, Any]]]:
-    r = api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json={"content": "hi", **body})
-    assert r.status_code == 201, r.text
-    stream = EventStream(api.http, r.json()["streamUrl"])
-    events = stream.until_done()
-    stream.close()
-    return r.json()["generationId"], events
+    finished = api.generate(user, chat_id, until_done=True, **{"content": "hi", **body})
+    return finished["generationId"], finished["events"]
 
 
 def _stored(api: Api, user: Account, chat_id: str, generation_id: str) -> tuple[dict[str, Any], str]:
@@ -74,7 +70,7 @@ def test_nul_and_lone_surrogates_are_repaired_and_stored_as_streamed(stub_mode: 
     generation, stored = _stored(api, user, chat["id"], generation_id)
     assert stored == repaired
     assert generation["status"] == "succeeded" and generation["finishReason"] == "stop"
-    assert api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={}).status_code == 201
+    assert api.create_generation(user, chat["id"]).status_code == 201
 
 
 def test_an_answer_reaching_200000_characters_ends_there_with_finish_reason_length(stub_mode: Api) -> None:
@@ -92,7 +88,7 @@ def test_an_answer_reaching_200000_characters_ends_there_with_finish_reason_leng
     assert stored == whole[:ASSISTANT_MAX_CHARS]
     assert generation["status"] == "succeeded" and generation["finishReason"] == "length"
     assert generation["outputTokens"] > 0
-    assert api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={}).status_code == 201
+    assert api.create_generation(user, chat["id"]).status_code == 201
 
 
 def test_finish_reason_stop_and_length_from_max_tokens(stub_mode: Api) -> None:
@@ -112,7 +108,7 @@ def test_finish_reason_stop_and_length_from_max_tokens(stub_mode: Api) -> None:
         generation, _ = _stored(api, user, chat["id"], generation_id)
         assert (model, generation["finishReason"]) == (model, expected)
     # Not succeeded: null.
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"model": "mock-error"})
+    r = api.create_generation(user, chat["id"], model="mock-error")
     stream = EventStream(api.http, r.json()["streamUrl"])
     assert stream.until_done()[-1][1]["status"] == "failed"
     stream.close()
@@ -136,9 +132,7 @@ def test_a_terminal_transaction_that_fails_still_ends_the_generation(
 ) -> None:
     user = api.register()
     chat = api.create_chat(user)
-    r = api.request(
-        "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "a poison pill"}
-    )
+    r = api.create_generation(user, chat["id"], content="a poison pill")
     generation_id = r.json()["generationId"]
     stream = EventStream(api.http, r.json()["streamUrl"])
     events = stream.until_done()
@@ -156,7 +150,7 @@ def test_a_terminal_transaction_that_fails_still_ends_the_generation(
     # Counted all the same, and the user is free at once.
     usage = db.execute("SELECT payload FROM outbox WHERE queue = 'usage_event'").fetchall()
     assert [p[0]["generationId"] for p in usage] == [generation_id]
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "fine"})
+    r = api.create_generation(user, chat["id"], content="fine")
     assert r.status_code == 201, r.text
     # A stream opened later replays the same end.
     replay = EventStream(api.http, f"/api/generations/{generation_id}/stream", user.headers)
@@ -174,9 +168,7 @@ def test_when_nothing_can_be_committed_done_is_never_sent_and_the_reaper_ends_it
     chat = api.create_chat(user)
     refused = "NEW.status IN ('succeeded', 'failed', 'canceled')"
     with database_refusing(db, table="generations", event="UPDATE", condition=refused):
-        r = api.request(
-            "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "hello there world"}
-        )
+        r = api.create_generation(user, chat["id"], content="hello there world")
         generation_id = r.json()["generationId"]
         stream = EventStream(api.http, r.json()["streamUrl"])
         seen = []
@@ -195,4 +187,4 @@ def test_when_nothing_can_be_committed_done_is_never_sent_and_the_reaper_ends_it
     assert [e["type"] for _, e in rest] == ["error", "usage", "done"]
     assert rest[0][1]["code"] == "worker_lost" and rest[-1][1]["status"] == "failed"
     assert _stored(api, user, chat["id"], generation_id)[1] == "hello there world"
-    assert api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={}).status_code == 201
+    assert api.create_generation(user, chat["id"]).status_code == 201

@@ -54,9 +54,7 @@ def test_stream_url_carries_the_stage_behind_the_default_api_host(api: Api) -> N
     assert body["streamUrl"].startswith(f"/dev/api/generations/{body['generationId']}/stream?ticket=")
     # Through local mode (no stage in the path) the same route answers a bare path.
     api.request("POST", f"/api/generations/{body['generationId']}/cancel", user=user)
-    local = api.request(
-        "POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "x"}
-    ).json()
+    local = api.create_generation(user, chat["id"], content="x").json()
     assert local["streamUrl"].startswith("/api/generations/")
     api.request("POST", f"/api/generations/{local['generationId']}/cancel", user=user)
 

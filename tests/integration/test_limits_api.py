@@ -55,17 +55,14 @@ def test_generation_creates_are_limited_per_user(api: Api, settings_with: Any) -
     chat = api.create_chat(user)
     settings_with(rate_generations="2/60")
     for _ in range(2):
-        r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={})
+        r = api.create_generation(user, chat["id"])
         assert r.status_code == 201
         api.request("POST", f"/api/generations/{r.json()['generationId']}/cancel", user=user)
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={})
+    r = api.create_generation(user, chat["id"])
     assert_error(r, 429, "rate_limited")
     assert r.headers["x-ratelimit-limit"] == "2"
     other_chat = api.create_chat(other)
-    assert (
-        api.request("POST", f"/api/chats/{other_chat['id']}/generations", user=other, json={}).status_code
-        == 201
-    )
+    assert api.create_generation(other, other_chat["id"]).status_code == 201
 
 
 def test_every_other_call_is_limited_per_user(api: Api, settings_with: Any) -> None:
@@ -120,7 +117,7 @@ def test_without_redis_auth_and_reads_work_and_generation_creates_fail_closed(
     chat = api.create_chat(user)
     for _ in range(7):
         assert api.request("GET", f"/api/chats/{chat['id']}/messages", user=user).status_code == 200
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "hi"})
+    r = api.create_generation(user, chat["id"], content="hi")
     assert_error(r, 503, "service_unavailable")
     assert api.request("GET", f"/api/chats/{chat['id']}/messages", user=user).json()["items"] == []
 
@@ -136,7 +133,7 @@ def test_daily_token_budget(api: Api, db: Any, settings_with: Any) -> None:
         " VALUES (%s, (now() AT TIME ZONE 'UTC')::date, 60, 40)",
         (user.user_id,),
     )
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "more"})
+    r = api.create_generation(user, chat["id"], content="more")
     assert_error(r, 429, "quota_exceeded")
     assert api.request("GET", "/api/usage", user=user).json()["budget"]["remainingToday"] == 0
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
@@ -157,20 +154,8 @@ def test_idempotency_key_returns_the_first_response(api: Api, db: Any) -> None:
     m1 = api.request("POST", path, user=user, json={"content": "hi"}, headers={"Idempotency-Key": "m-1"})
     m2 = api.request("POST", path, user=user, json={"content": "hi"}, headers={"Idempotency-Key": "m-1"})
     assert m1.json() == m2.json() and db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
-    g1 = api.request(
-        "POST",
-        f"/api/chats/{chat_id}/generations",
-        user=user,
-        json={"content": "x"},
-        headers={"Idempotency-Key": "g"},
-    )
-    g2 = api.request(
-        "POST",
-        f"/api/chats/{chat_id}/generations",
-        user=user,
-        json={"content": "x"},
-        headers={"Idempotency-Key": "g"},
-    )
+    g1 = api.create_generation(user, chat_id, headers={"Idempotency-Key": "g"}, content="x")
+    g2 = api.create_generation(user, chat_id, headers={"Idempotency-Key": "g"}, content="x")
     assert g1.status_code == g2.status_code == 201 and g1.json()["generationId"] == g2.json()["generationId"]
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
     stream = EventStream(api.http, g2.json()["streamUrl"])

@@ -390,12 +390,7 @@ def test_stream_events_match_the_documented_schemas(api: Api, document: dict[str
     seen: set[str] = set()
     for model, cancel in (("mock-echo", False), ("mock-error", False), ("mock-slow", True)):
         chat = api.create_chat(user)
-        created = api.request(
-            "POST",
-            f"/api/chats/{chat['id']}/generations",
-            user=user,
-            json={"content": "one two three four five", "model": model},
-        )
+        created = api.create_generation(user, chat["id"], content="one two three four five", model=model)
         assert created.status_code == 201, created.text
         _validator(document, "GenerationCreated").validate(created.json())
         with api.http.stream("GET", created.json()["streamUrl"]) as response:

@@ -18,10 +18,7 @@ from minichat_local.functions import load_function
 
 
 def _queued(api: Api, user: Any) -> dict[str, Any]:
-    chat = api.create_chat(user)
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=user, json={"content": "hello"})
-    assert r.status_code == 201
-    return {"chat": chat, **r.json()}
+    return api.generate(user, content="hello")
 
 
 def test_a_queued_generation_never_opened_is_failed_and_its_user_freed(
@@ -36,10 +33,7 @@ def test_a_queued_generation_never_opened_is_failed_and_its_user_freed(
     g = api.request("GET", f"/api/generations/{gid}", user=user).json()
     assert g["status"] == "failed" and g["errorCode"] == "stream_not_opened" and g["finishedAt"]
     assert redis_client.get(limits.inflight_key(user.user_id)) is None
-    assert (
-        api.request("POST", f"/api/chats/{started['chat']['id']}/generations", user=user, json={}).status_code
-        == 201
-    )
+    assert api.create_generation(user, started["chat"]["id"]).status_code == 201
     assert reap().as_dict() == {
         "streamNotOpened": 0,
         "workerLost": 0,
@@ -102,7 +96,7 @@ def test_a_live_heartbeat_is_never_reaped(api: Api, db: Any) -> None:
         (started["generationId"],),
     )
     assert reap().as_dict() == {"streamNotOpened": 0, "workerLost": 0, "skipped": 0}
-    r = api.request("POST", f"/api/chats/{started['chat']['id']}/generations", user=user, json={})
+    r = api.create_generation(user, started["chat"]["id"])
     assert_error(r, 409, "generation_in_flight")
     db.execute(
         "UPDATE generations SET status = 'canceled', finished_at = now() WHERE id = %s",
@@ -164,7 +158,7 @@ def test_a_generation_that_cannot_be_reaped_never_stops_the_others(
     db.execute("DELETE FROM test_unreapable")
     assert reap().as_dict() == {"streamNotOpened": 1, "workerLost": 0, "skipped": 0}
     for user, s in zip(users, started, strict=True):
-        r = api.request("POST", f"/api/chats/{s['chat']['id']}/generations", user=user, json={})
+        r = api.create_generation(user, s["chat"]["id"])
         assert r.status_code == 201, r.text
 
 

@@ -81,18 +81,11 @@ def world(api: Api, db: Any) -> World:
     owner, mallory = api.register(), api.register()
     chat = api.create_chat(owner, "private plans")
     api.request("POST", f"/api/chats/{chat['id']}/messages", user=owner, json={"content": "secret one"})
-    r = api.request(
-        "POST", f"/api/chats/{chat['id']}/generations", user=owner, json={"content": "secret two"}
-    )
-    assert r.status_code == 201, r.text
-    done = r.json()["generationId"]
-    stream = EventStream(api.http, r.json()["streamUrl"])
-    assert stream.until_done()[-1][1]["status"] == "succeeded"
-    stream.close()
+    finished = api.generate(owner, chat["id"], until_done=True, content="secret two")
+    done = finished["generationId"]
+    assert finished["events"][-1][1]["status"] == "succeeded"
     busy = api.create_chat(owner, "private busy")
-    r = api.request(
-        "POST", f"/api/chats/{busy['id']}/generations", user=owner, json={"content": "secret three"}
-    )
+    r = api.create_generation(owner, busy["id"], content="secret three")
     assert r.status_code == 201, r.text
     db.execute(
         "INSERT INTO daily_usage (user_id, day, input_tokens, output_tokens)"
@@ -158,7 +151,7 @@ def test_every_route_with_another_users_ids_is_not_found_and_changes_nothing(
             attempts += 1
     # Tickets are no way around it: mallory's own ticket opens only mallory's generation.
     mine = api.create_chat(world.mallory)
-    r = api.request("POST", f"/api/chats/{mine['id']}/generations", user=world.mallory, json={})
+    r = api.create_generation(world.mallory, mine["id"])
     ticket = r.json()["streamUrl"].split("ticket=")[1]
     for generation_id in (world.done_generation, world.queued_generation):
         assert_error(
@@ -695,16 +688,11 @@ def test_sql_in_every_string_field_is_stored_verbatim_or_refused(
     listed = api.request("GET", f"/api/chats/{chat['id']}/messages", user=owner).json()["items"]
     assert [m["content"] for m in listed] == [payload]
     # The model: refused, nothing written.
-    r = api.request("POST", f"/api/chats/{chat['id']}/generations", user=owner, json={"model": payload})
+    r = api.create_generation(owner, chat["id"], model=payload)
     assert_error(r, 400, "unknown_model")
     # The system prompt (the queued generation is canceled first: one in flight per user).
     api.request("POST", f"/api/generations/{world.queued_generation}/cancel", user=owner)
-    r = api.request(
-        "POST",
-        f"/api/chats/{chat['id']}/generations",
-        user=owner,
-        json={"content": payload, "systemPrompt": payload},
-    )
+    r = api.create_generation(owner, chat["id"], content=payload, systemPrompt=payload)
     assert r.status_code == 201, r.text
     assert r.json()["generation"]["systemPrompt"] == payload
     stream = EventStream(api.http, r.json()["streamUrl"])
@@ -834,9 +822,7 @@ def test_crlf_in_every_string_field_never_reaches_a_header(
             params={"lastEventId": payload},
             headers=owner.headers,
         ),
-        api.request(
-            "POST", f"/api/chats/{world.chat['id']}/generations", user=owner, json={"model": payload}
-        ),
+        api.create_generation(owner, world.chat["id"], model=payload),
     ]
     chat = api.request("POST", "/api/chats", user=owner, json={"title": payload + " t"})
     replies.append(chat)
@@ -845,12 +831,7 @@ def test_crlf_in_every_string_field_never_reaches_a_header(
     message = api.request("POST", f"/api/chats/{chat_id}/messages", user=owner, json={"content": payload})
     replies.append(message)
     api.request("POST", f"/api/generations/{world.queued_generation}/cancel", user=owner)
-    generation = api.request(
-        "POST",
-        f"/api/chats/{chat_id}/generations",
-        user=owner,
-        json={"content": payload, "systemPrompt": payload},
-    )
+    generation = api.create_generation(owner, chat_id, content=payload, systemPrompt=payload)
     replies.append(generation)
     for r in replies:
         assert r.status_code < 500, (r.request.url, r.text)

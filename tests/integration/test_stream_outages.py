@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import free_port
-from helpers import Account, Api, EventStream, LocalProcess, OwnRedis, text_of
+from helpers import Api, EventStream, LocalProcess, OwnRedis, text_of
 
 
 def _local(tmp_path: Path, name: str, own_redis: OwnRedis, **env: str) -> LocalProcess:
@@ -49,10 +49,6 @@ def _two_processes(
     for process in pair:
         process.start()
     return pair[0], pair[1]
-
-
-def _create(api: Api, user: Account, chat_id: str, **body: Any) -> httpx.Response:
-    return api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json=body)
 
 
 def _read_all(client: httpx.Client, url: str, out: dict[str, Any]) -> None:
@@ -110,7 +106,7 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     baseline: list[float] = []  # creates with Redis up (each run to its end, so the next may start)
     for _ in range(5):
         t0 = time.perf_counter()
-        r = _create(api, other, other_chat["id"], content="baseline", model="mock-echo")
+        r = api.create_generation(other, other_chat["id"], content="baseline", model="mock-echo")
         baseline.append(time.perf_counter() - t0)
         assert r.status_code == 201, r.text
         stream = EventStream(api.http, r.json()["streamUrl"])
@@ -120,7 +116,7 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     content = " ".join(f"w{i}" for i in range(WORDS))
     started = []
     for user, chat in zip(users[:10], chats[:10], strict=True):
-        r = _create(api, user, chat["id"], content=content, model="mock-slow")
+        r = api.create_generation(user, chat["id"], content=content, model="mock-slow")
         assert r.status_code == 201, r.text
         started.append(r.json())
     results: list[dict[str, Any]] = [{} for _ in started]
@@ -150,7 +146,7 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     statuses = []
     for _ in range(5):
         t0 = time.perf_counter()
-        r = _create(api, other, other_chat["id"], content="during the outage", model="mock-echo")
+        r = api.create_generation(other, other_chat["id"], content="during the outage", model="mock-echo")
         during.append(time.perf_counter() - t0)
         statuses.append(r.status_code)
         time.sleep(0.5)
@@ -204,7 +200,9 @@ def test_redis_stopped_for_45_s_while_10_generations_stream(
     ).fetchone()
     assert in_flight[0] == 0
     # And generations work again.
-    assert _create(api, other, other_chat["id"], content="after", model="mock-echo").status_code == 201
+    assert (
+        api.create_generation(other, other_chat["id"], content="after", model="mock-echo").status_code == 201
+    )
 
 
 # --- item 5 --------------------------------------------------------------------------------------------
@@ -218,7 +216,7 @@ def test_a_reader_in_another_process_gets_every_event_once_when_buffer_writes_fa
     user = api.register()
     chat = api.create_chat(user)
     content = " ".join(f"w{i}" for i in range(40))  # mock-slow: about 8 s
-    r = _create(api, user, chat["id"], content=content, model="mock-slow")
+    r = api.create_generation(user, chat["id"], content=content, model="mock-slow")
     url = r.json()["streamUrl"]
     here = EventStream(api.http, url)  # the first connection: the run is in `runner`
     first = here.next()
@@ -269,7 +267,7 @@ def test_pings_reach_a_reader_in_another_process_at_least_every_15_s(
     api = Api(runner.base_url)
     user = api.register()
     chat = api.create_chat(user)
-    r = _create(api, user, chat["id"], content="one word then silence", model="mock-stall")
+    r = api.create_generation(user, chat["id"], content="one word then silence", model="mock-stall")
     url = r.json()["streamUrl"]
     here: dict[str, Any] = {}
     there: dict[str, Any] = {}

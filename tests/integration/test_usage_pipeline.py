@@ -9,15 +9,12 @@ from typing import Any
 
 import httpx
 
-from helpers import Account, Api, EventStream, assert_error, assert_usage_invariant, rabbitmqctl
+from helpers import Account, Api, assert_error, assert_usage_invariant, rabbitmqctl
 
 
 def _generate(api: Api, user: Account, chat_id: str, content: str) -> None:
-    r = api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json={"content": content})
-    assert r.status_code == 201, r.text
-    stream = EventStream(api.http, r.json()["streamUrl"])
-    assert stream.until_done()[-1][1]["status"] == "succeeded"
-    stream.close()
+    finished = api.generate(user, chat_id, until_done=True, content=content)
+    assert finished["events"][-1][1]["status"] == "succeeded"
 
 
 def _wait_for(predicate: Any, timeout: float) -> float:
