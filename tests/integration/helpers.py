@@ -73,6 +73,12 @@ class Api:
         assert r.status_code == 201, r.text
         return dict(r.json())
 
+    def generation(self, user: Account, generation_id: str) -> dict[str, Any]:
+        """GET /api/generations/{generation_id}, asserting it is there."""
+        r = self.request("GET", f"/api/generations/{generation_id}", user=user)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
     def create_generation(
         self, user: Account, chat_id: str, *, headers: dict[str, str] | None = None, **body: Any
     ) -> httpx.Response:

@@ -98,12 +98,6 @@ def _run_to_end(api: Api, user: Account, content: str, **body: Any) -> tuple[dic
     return started, started.pop("events")
 
 
-def _generation(api: Api, user: Account, generation_id: str) -> dict[str, Any]:
-    r = api.request("GET", f"/api/generations/{generation_id}", user=user)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
 def test_bedrock_text_and_usage_are_exact(api: Api, bedrock: BedrockStub) -> None:
     user = api.register()
     started, events = _run_to_end(
@@ -121,7 +115,7 @@ def test_bedrock_text_and_usage_are_exact(api: Api, bedrock: BedrockStub) -> Non
         {"type": "usage", "inputTokens": prompt_tokens(sent), "outputTokens": 12, "estimated": False}
     ]
     assert events[-1][1] == {"type": "done", "status": "succeeded"}
-    generation = _generation(api, user, started["generationId"])
+    generation = api.generation(user, started["generationId"])
     assert (generation["inputTokens"], generation["outputTokens"]) == (prompt_tokens(sent), 12)
     assert generation["model"] == "stub-tokens-12" and generation["status"] == "succeeded"
 
@@ -159,7 +153,7 @@ def test_cancel_while_bedrock_is_silent_closes_the_upstream_within_250_ms(
         stream.close()
     assert events[-1][1] == {"type": "done", "status": "canceled"}
     assert bedrock.stats.disconnected == 1 and bedrock.stats.active == 0
-    assert _generation(api, user, started["generationId"])["status"] == "canceled"
+    assert api.generation(user, started["generationId"])["status"] == "canceled"
 
 
 def test_throttling_is_a_provider_error_and_the_next_generation_starts(
@@ -171,7 +165,7 @@ def test_throttling_is_a_provider_error_and_the_next_generation_starts(
     assert len(errors) == 1 and errors[0]["code"] == "provider_error"
     assert "throttling" in errors[0]["message"] and "stub-upstream-error-body" not in errors[0]["message"]
     assert events[-1][1] == {"type": "done", "status": "failed"}
-    generation = _generation(api, user, started["generationId"])
+    generation = api.generation(user, started["generationId"])
     assert generation["errorCode"] == "provider_error"
     # `done` came after the lock release: the user's next generation starts at once.
     _, events = _run_to_end(api, user, "again", model="stub-tokens-12")

@@ -23,12 +23,6 @@ def _open(api: Api, started: dict[str, Any], headers: dict[str, str] | None = No
     return EventStream(api.http, started["streamUrl"], headers)
 
 
-def _generation(api: Api, user: Account, generation_id: str) -> dict[str, Any]:
-    r = api.request("GET", f"/api/generations/{generation_id}", user=user)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
 def test_happy_path_matches_the_stream_protocol_byte_for_byte(api: Api, db: Any) -> None:
     user = api.register()
     started = api.generate(user, content=QUESTION)
@@ -53,7 +47,7 @@ def test_happy_path_matches_the_stream_protocol_byte_for_byte(api: Api, db: Any)
         for i, e in events
     )
     assert stream.raw == expected  # exact framing: one id line, one data line, a blank line
-    generation = _generation(api, user, started["generationId"])
+    generation = api.generation(user, started["generationId"])
     assert generation["status"] == "succeeded"
     assert generation["startedAt"] and generation["finishedAt"] >= generation["startedAt"]
     assert generation["outputTokens"] == 7 and generation["inputTokens"] == usage["inputTokens"]
@@ -105,7 +99,7 @@ def test_cancel_while_streaming_keeps_the_partial_answer(api: Api) -> None:
     assert events[-2][1]["type"] == "usage" and events[-2][1]["estimated"] is True
     partial = text_of(events)
     assert partial and SLOW.startswith(partial) and partial != SLOW
-    g = _generation(api, user, started["generationId"])
+    g = api.generation(user, started["generationId"])
     assert g["status"] == "canceled" and g["outputTokens"] > 0
     messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
     assert messages[-1]["role"] == "assistant" and messages[-1]["content"] == partial
@@ -137,7 +131,7 @@ def test_a_stalled_model_times_out_and_frees_the_user(api: Api) -> None:
     assert kinds == ["delta", "error", "usage", "done"]
     assert events[1][1]["code"] == "provider_timeout"
     assert events[-1][1]["status"] == "failed"
-    g = _generation(api, user, started["generationId"])
+    g = api.generation(user, started["generationId"])
     assert g["status"] == "failed" and g["errorCode"] == "provider_timeout"
     assert api.create_generation(user, started["chat"]["id"], content="again").status_code == 201
 
@@ -166,7 +160,7 @@ def test_provider_error(api: Api) -> None:
     assert text_of(events) == "alpha beta gamma"
     error = events[-3][1]
     assert error["code"] == "provider_error" and error["message"]
-    g = _generation(api, user, started["generationId"])
+    g = api.generation(user, started["generationId"])
     assert g["status"] == "failed" and g["errorCode"] == "provider_error" and g["errorMessage"]
     messages = api.request("GET", f"/api/chats/{started['chat']['id']}/messages", user=user).json()["items"]
     assert messages[-1]["content"] == "alpha beta gamma"
@@ -175,7 +169,7 @@ def test_provider_error(api: Api) -> None:
 def _wait_terminal(api: Api, user: Account, generation_id: str, timeout: float = 10) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        g = _generation(api, user, generation_id)
+        g = api.generation(user, generation_id)
         if g["status"] in {"succeeded", "canceled", "failed"}:
             return g
         assert time.monotonic() < deadline, g
