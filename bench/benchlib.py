@@ -66,12 +66,14 @@ class ServerProcess:
     log: Any
 
     @classmethod
-    def spawn(cls, name: str, argv: list[str], env: dict[str, str], port: int) -> Any:
+    def spawn(
+        cls, name: str, argv: list[str], env: dict[str, str], port: int, *, cwd: Path | None = None
+    ) -> Any:
         log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; read by tail()
         # Its own session: a signal sent to the terminal's process group (Ctrl-C, a harness cleaning
         # up) must not reach the servers mid-run; they are stopped by pid at the end.
         proc = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, env=env, cwd=cwd or ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         return cls(name, proc, port, log)
 
