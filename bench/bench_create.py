@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 import bench_api
-import benchlib
+import psycopg
 from bench_api import CpuMeter, Figure, HttpConn, build_request
+
+import benchlib
 from benchlib import BenchError, cpu_probe, free_port
 
 ROOT = benchlib.ROOT
@@ -262,7 +262,9 @@ def run_round(side: Side, plan: Plan, users: int) -> Figure:
         bench_api._event_loop_run(lambda: server.wait_ready("/api/health"))
         pairs = provision(users, env)
         requests = [
-            build_request("POST", f"/api/chats/{chat}/generations", port, token=token, body={"content": "hello"})
+            build_request(
+                "POST", f"/api/chats/{chat}/generations", port, token=token, body={"content": "hello"}
+            )
             for token, chat in pairs
         ]
         probe = cpu_probe()
@@ -292,7 +294,10 @@ def _per_create(figure: Figure, which: str) -> float:
 
 def print_report(sides: list[Side], plan: Plan) -> None:
     print()
-    print(f"POST /api/chats/{{id}}/generations — {bench_api.CORES} cores shared by server, PostgreSQL and client")
+    print(
+        f"POST /api/chats/{{id}}/generations — {bench_api.CORES} cores shared by server, PostgreSQL"
+        " and client"
+    )
     print("round trips of one create (in-process, counted at the drivers):")
     for side in sides:
         for label, trips in side.round_trips.items():
@@ -306,7 +311,10 @@ def print_report(sides: list[Side], plan: Plan) -> None:
         f"{'pair':<5}{'tree':<11}{'creates/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'CPU ms/create srv':>19}{'pg':>7}{'cli':>7}{'others':>8}{'probe':>7}"
     )
-    print(f"\nload: {plan.clients} clients, closed loop, {plan.seconds:.0f} s a round after {plan.warmup} s warm-up")
+    print(
+        f"\nload: {plan.clients} clients, closed loop, {plan.seconds:.0f} s a round"
+        f" after {plan.warmup} s warm-up"
+    )
     print(head)
     print("-" * len(head))
     for i in range(plan.pairs):
@@ -344,7 +352,8 @@ def print_report(sides: list[Side], plan: Plan) -> None:
                 _per_create(o, "server") / _per_create(b, "server") for b, o in zip(base, ours, strict=True)
             ),
             "PostgreSQL CPU": statistics.median(
-                _per_create(o, "postgres") / _per_create(b, "postgres") for b, o in zip(base, ours, strict=True)
+                _per_create(o, "postgres") / _per_create(b, "postgres")
+                for b, o in zip(base, ours, strict=True)
             ),
         }
         print(
@@ -360,7 +369,9 @@ def print_report(sides: list[Side], plan: Plan) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="3 pairs of shorter rounds")
     parser.add_argument("--pairs", type=int, help="pairs of rounds (default 5)")
     parser.add_argument("--clients", type=int, default=20)

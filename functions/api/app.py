@@ -8,33 +8,26 @@ import copy
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator
-from datetime import date
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 from chalice import Chalice, Response
 from chalice.app import Request
 
-from minichat import accounts, auth, chats, db, generations, health, idempotency, limits, usage
+from minichat import accounts, admission, auth, chats, generations, health, idempotency, limits, usage
 from minichat.config import get_settings
 from minichat.errors import (
     InternalError,
-    InvalidCredentials,
-    InvalidToken,
     MethodNotAllowed,
     MiniChatError,
     PayloadTooLarge,
-    QuotaExceeded,
-    RateLimited,
-    ServiceUnavailable,
     ValidationError,
 )
 from minichat.log import accept_request_id, bind_request_id, get_logger, setup_logging
 from minichat.log import request_id as current_request_id
 from minichat.providers import ProviderRegistry
-from minichat.serialize import public_path_prefix, utcnow
+from minichat.serialize import public_path_prefix
 from minichat.validate import (
     EMAIL,
     MAX_BODY_BYTES,
@@ -120,6 +113,7 @@ def route(
         @functools.wraps(view)
         def handle(**params: str) -> Response:
             _rate_headers.set(None)
+            _call_counted.set(False)
             try:
                 response = _run_idempotent(view, params, status) if idempotent else _run(view, params, status)
             except MiniChatError as error:
@@ -170,63 +164,19 @@ def _run_idempotent(view: Callable[..., Any], params: dict[str, str], status: in
     return response
 
 
-_parsed_rates: dict[str, limits.Rate | None] = {}
-
-
-def _limit(
-    bucket: str,
-    key: str,
-    rate_text: str,
-    *,
-    fail_closed: bool = False,
-    peek: bool = False,
-    account: str | None = None,
-) -> None:
-    """Count this request against `bucket` for `key`; RateLimited (429) when over.
-
-    `peek`: check without counting. `account`: also refuse the token (InvalidToken) when that user's
-    account was deleted, in the same Redis call. When Redis is down the limit cannot be checked: reads
-    and auth go on (fail open), while `fail_closed` callers (generation creates) answer 503.
-    """
-    if rate_text not in _parsed_rates:
-        _parsed_rates[rate_text] = limits.Rate.parse(rate_text, name=bucket)
-    rate = _parsed_rates[rate_text]
-    if rate is None and account is None:
-        return
-    try:
-        decision = limits.hit(
-            bucket=bucket,
-            key=key,
-            rate=rate,
-            peek=peek,
-            unless_exists=accounts.deleted_key(account) if account else None,
-        )
-    except redis.RedisError as exc:
-        if fail_closed:
-            raise ServiceUnavailable("Rate limits cannot be checked right now; retry shortly.") from exc
-        log.warning("rate limit skipped: redis unavailable", bucket=bucket)
-        return
-    if decision.gone:
-        raise InvalidToken("This account no longer exists.")
-    if rate is None:
-        return
+def _note_rate(decision: limits.Decision) -> None:
+    """Keep the X-RateLimit-* headers of the tightest limit this request was counted against."""
     counted = _rate_headers.get()
     if counted is None or decision.remaining <= counted[0]:
         _rate_headers.set((decision.remaining, decision.headers()))
-    if not decision.allowed:
-        raise RateLimited(decision.retry_after_s)
 
 
-@contextlib.contextmanager
-def _failures_limited(bucket: str, key: str) -> Iterator[None]:
-    """Refuse (429) once `key` has failed its password too often; count the failure if this one does."""
-    rate = get_settings().rate_login_email
-    _limit(bucket, key, rate, peek=True)
-    try:
-        yield
-    except InvalidCredentials:
-        _limit(bucket, key, rate)
-        raise
+def _limit(limit: admission.Limit, key: str) -> None:
+    admission.check(limit, key, counted=_note_rate)
+
+
+def _failures_limited(limit: admission.Limit, key: str) -> contextlib.AbstractContextManager[None]:
+    return admission.failures_limited(limit, key, counted=_note_rate)
 
 
 def _request() -> Request:
@@ -296,10 +246,19 @@ def _read(spec: Body) -> dict[str, Any]:
     return spec.read(_request().raw_body)
 
 
+# This request has been counted against the per-call limit (once, however many helpers ask).
+_call_counted: contextvars.ContextVar[bool] = contextvars.ContextVar("minichat_call_counted", default=False)
+
+
+def _authenticated() -> str:
+    return auth.authenticate(_request().headers.get("authorization")).user_id
+
+
 def _user_id() -> str:
-    user_id = auth.authenticate(_request().headers.get("authorization")).user_id
-    if _rate_headers.get() is None:  # once per request, however many helpers ask
-        _limit("api", user_id, get_settings().rate_api, account=user_id)
+    user_id = _authenticated()
+    if not _call_counted.get():
+        admission.check_call(user_id, counted=_note_rate)
+        _call_counted.set(True)
     return user_id
 
 
@@ -328,7 +287,7 @@ def _no_content() -> Response:
 @route("/api/auth/register", methods=["POST"], status=201)
 def register() -> dict[str, Any]:
     email, password = _credentials()
-    _limit("auth-ip", _client_ip(), get_settings().rate_login_ip)  # before the argon2 work
+    _limit(admission.LOGIN_IP, _client_ip())  # before the argon2 work
     return auth.register(email=email, password=password)
 
 
@@ -339,8 +298,8 @@ def login() -> dict[str, Any]:
     # typed elsewhere for someone's email never lock its owner out. Both are checked before the password
     # hash is computed: a flood costs us nothing but Redis calls.
     client_ip = _client_ip()
-    _limit("auth-ip", client_ip, get_settings().rate_login_ip)
-    with _failures_limited("login-failures", f"{email.lower()}|{client_ip}"):
+    _limit(admission.LOGIN_IP, client_ip)
+    with _failures_limited(admission.LOGIN_FAILURES, f"{email.lower()}|{client_ip}"):
         return auth.login(email=email, password=password)
 
 
@@ -367,7 +326,7 @@ def delete_me() -> Response:
     password: str = _read(ACCOUNT_DELETION)["password"]
     # Wrong passwords count like failed logins (per account and client IP): a stolen access token is no
     # way to guess the password.
-    with _failures_limited("account-password-failures", f"{user_id}|{_client_ip()}"):
+    with _failures_limited(admission.ACCOUNT_PASSWORD_FAILURES, f"{user_id}|{_client_ip()}"):
         accounts.delete_account(user_id=user_id, password=password)
     return _no_content()
 
@@ -450,17 +409,16 @@ def _models() -> ProviderRegistry:
 
 @route("/api/chats/{chat_id}/generations", methods=["POST"], status=201, idempotent=True)
 def create_generation(chat_id: str) -> dict[str, Any]:
-    user_id = _user_id()
-    settings = get_settings()
-    _limit("generations", user_id, settings.rate_generations, fail_closed=True)
-    chat_id = parse_uuid(chat_id)
-    body = _read(NEW_GENERATION)
-    model = body["model"] or _models().default_model
-    _models().resolve(model)  # unknown_model before anything is written
-    if settings.daily_token_budget:
-        with db.read() as conn:
-            if usage.tokens_today(conn, user_id=user_id) >= settings.daily_token_budget:
-                raise QuotaExceeded(f"The daily budget of {settings.daily_token_budget} tokens is used up.")
+    user_id = _authenticated()  # counted against its limits by the create's own Redis call
+    call_counted = _call_counted.get()
+    try:
+        chat_id = parse_uuid(chat_id)
+        body = _read(NEW_GENERATION)
+        model = body["model"] or _models().default_model
+        _models().resolve(model)  # unknown_model before anything is written
+    except MiniChatError as error:
+        generations.count_refused_create(user_id=user_id, call_counted=call_counted, counted=_note_rate)
+        raise error
     reply = generations.create_generation(
         user_id=user_id,
         chat_id=chat_id,
@@ -472,7 +430,10 @@ def create_generation(chat_id: str) -> dict[str, Any]:
         request_id=current_request_id(),
         edit_of=body["editOf"],
         regenerate_of=body["regenerateOf"],
+        call_counted=call_counted,
+        counted=_note_rate,
     )
+    _call_counted.set(True)
     reply["streamUrl"] = _stage_prefix() + reply["streamUrl"]
     return reply
 
@@ -510,19 +471,7 @@ def get_usage() -> dict[str, Any]:
     user_id = _user_id()
     query = _query()
     require_fields(query, allowed={"from", "to"})
-    day_to = parse_day(query, "to") or utcnow().date()
-    # The last 30 days through `to` (no earlier than the first day there is).
-    day_from = parse_day(query, "from") or date.fromordinal(max(1, day_to.toordinal() - 29))
-    budget = get_settings().daily_token_budget
-    with db.read() as conn:
-        reply = usage.daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
-        used = usage.tokens_today(conn, user_id=user_id) if budget else 0
-    reply["budget"] = (
-        {"dailyTokens": budget, "usedToday": used, "remainingToday": max(0, budget - used)}
-        if budget
-        else None
-    )
-    return reply
+    return usage.report(user_id=user_id, day_from=parse_day(query, "from"), day_to=parse_day(query, "to"))
 
 
 # --- operations -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ block is counted, whatever the thread: run it where nothing else talks to the se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -91,10 +92,9 @@ def recording() -> Iterator[RoundTrips]:
             psycopg.Connection.wait = original_wait  # type: ignore[method-assign]
             redis.connection.AbstractConnection.send_packed_command = original_send  # type: ignore[method-assign]
             for pgconn, log in traced.values():
-                try:
+                # A connection closed meanwhile has nothing left to flush.
+                with contextlib.suppress(Exception):
                     pgconn.untrace()  # flushes libpq's buffer into the file
-                except Exception:  # noqa: S110 - a connection closed meanwhile has nothing left to flush
-                    pass
                 log.seek(0)
                 for line in log.read().decode(errors="replace").splitlines():
                     parts = line.split("\t")

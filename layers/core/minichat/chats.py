@@ -14,17 +14,17 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from psycopg import errors as pg_errors
 from psycopg.rows import tuple_row
 
 from minichat import db, events
-from minichat.errors import NotFound, ValidationError
+from minichat.errors import MiniChatError, NotFound, ValidationError
 from minichat.serialize import chat_out, message_out
 from minichat.validate import decode_cursor, encode_cursor
 
 __all__ = [
     "ASSISTANT_MAX_CHARS",
     "add_message",
-    "answer_parent",
     "create_chat",
     "delete_chat",
     "get_chat",
@@ -33,6 +33,8 @@ __all__ = [
     "list_messages",
     "owned_chat_for_update",
     "path_segments",
+    "queue_prompt",
+    "refusal",
     "repair_text",
     "title_from",
     "update_chat",
@@ -245,10 +247,12 @@ def insert_message(
 # parent's first child, and starts its own otherwise (a root always does): the caller holds the chat's
 # row lock, taken by an earlier statement, so this statement's snapshot sees every other child. The
 # chat's active_leaf_id key is checked at the end of the statement, once the row exists.
-_INSERT_MESSAGE = f"""
+def _insert_message_sql(parent: str) -> str:
+    """The message insert, its parent (unless it is an answer) the SQL expression `parent`."""
+    return f"""
     WITH place AS (
         SELECT gen_random_uuid() AS id, %(chat_id)s::uuid AS chat_id, %(role)s::text AS role,
-               CASE WHEN %(generation_id)s::uuid IS NULL THEN %(parent_id)s::uuid
+               CASE WHEN %(generation_id)s::uuid IS NULL THEN {parent}
                     ELSE g.parent_message_id END AS parent_id
         FROM (VALUES (1)) AS one LEFT JOIN generations g ON g.id = %(generation_id)s::uuid
     ), older AS (
@@ -275,6 +279,9 @@ _INSERT_MESSAGE = f"""
 """
 
 
+_INSERT_MESSAGE = _insert_message_sql("%(parent_id)s::uuid")
+
+
 def path_segments(leaf: str, *, after: str = "0") -> str:
     """SQL: a recursive CTE body `path_segments(segment_id, upto)`, the segments of the path that ends at
     the message id `leaf` (an SQL expression), each with the seq of its last message on the path.
@@ -293,45 +300,89 @@ def path_segments(leaf: str, *, after: str = "0") -> str:
     )"""
 
 
-def answer_parent(
+def queue_prompt(
     conn: db.Conn,
     *,
-    chat: dict[str, Any],
+    user_id: str,
+    chat_id: str,
     content: str | None,
     edit_of: str | None,
     regenerate_of: str | None,
-) -> str | None:
-    """Place a generation's prompt in the (locked) chat; returns the message its answer will follow.
+) -> None:
+    """Queue, on a pipelined transaction (db.batch), the statements that place a generation's prompt.
 
-    Plain `content` goes under the active leaf; an edit beside `edit_of`; a regenerate adds nothing and
-    shows the parent of `regenerate_of` until the new answer arrives. Without either, the answer follows
-    the active leaf.
+    First the user's chat is locked (for the rest of the transaction: the insert that follows depends on
+    the other children of its parent) and the message it branches from is checked; a failed check
+    refuses (minichat_refuse), which ends the batch (see `refusal`). Then plain `content` goes under the
+    active leaf, an edit beside `edit_of`; a regenerate adds nothing and shows the parent of
+    `regenerate_of` until the new answer arrives. Afterwards the chat's active leaf is the message the
+    answer will follow, whichever it was (none: the active leaf as it was).
     """
-    chat_id = str(chat["id"])
-    parent = chat["active_leaf_id"]
-    if edit_of is not None:
-        parent = _branch_point(conn, chat_id=chat_id, message_id=edit_of, role="user", field="editOf")
-    elif regenerate_of is not None:
-        parent = _branch_point(
-            conn, chat_id=chat_id, message_id=regenerate_of, role="assistant", field="regenerateOf"
+    branch_of, role, field = (
+        (edit_of, "user", "editOf") if edit_of is not None else (regenerate_of, "assistant", "regenerateOf")
+    )
+    conn.execute(
+        _CHECK_PROMPT,
+        {"chat_id": chat_id, "user_id": user_id, "branch_of": branch_of, "role": role, "field": field},
+    )
+    if regenerate_of is not None:
+        conn.execute(_SHOW_PARENT, {"chat_id": chat_id, "message_id": regenerate_of})
+    elif content is not None:
+        conn.execute(
+            _INSERT_PROMPT,
+            {
+                "chat_id": chat_id,
+                "role": "user",
+                "content": content,
+                "generation_id": None,
+                "edit_of": edit_of,
+                "title": title_from(content),
+            },
         )
-        conn.execute("UPDATE chats SET active_leaf_id = %s WHERE id = %s", (parent, chat_id))
-        return str(parent) if parent is not None else None
-    if content is not None:
-        parent = insert_message(conn, chat_id=chat_id, role="user", content=content, parent_id=parent)["id"]
-    return str(parent) if parent is not None else None
 
 
-def _branch_point(conn: db.Conn, *, chat_id: str, message_id: str, role: str, field: str) -> Any:
-    """The parent of the chat's message `message_id`, which must have `role`."""
-    row = conn.execute(
-        "SELECT role, parent_id FROM messages WHERE id = %s AND chat_id = %s", (message_id, chat_id)
-    ).fetchone()
-    if row is None:
-        raise NotFound("Message not found.")
-    if row["role"] != role:
-        raise ValidationError(f"'{field}' must be the id of a message with role '{role}'.", field=field)
-    return row["parent_id"]
+def refusal(error: pg_errors.RaiseException) -> MiniChatError | None:
+    """The API error for a check of `queue_prompt` that refused (None: not one of its refusals)."""
+    code = error.diag.constraint_name
+    if code == "chat_not_found":
+        return NotFound("Chat not found.")
+    if code == "message_not_found":
+        return NotFound("Message not found.")
+    if code in _BRANCH_ROLES:
+        role = _BRANCH_ROLES[code]
+        return ValidationError(f"'{code}' must be the id of a message with role '{role}'.", field=code)
+    return None
+
+
+_BRANCH_ROLES = {"editOf": "user", "regenerateOf": "assistant"}
+
+# The chat's row lock, then the checks in the order a create is refused: the chat is the user's, the
+# message it branches from is the chat's, with the right role (the field that named it is the code).
+_CHECK_PROMPT = """
+    WITH chat AS (
+        SELECT id FROM chats WHERE id = %(chat_id)s AND user_id = %(user_id)s FOR UPDATE
+    ), branch AS (
+        SELECT role FROM messages WHERE id = %(branch_of)s::uuid AND chat_id = %(chat_id)s
+    )
+    SELECT minichat_refuse(CASE
+        WHEN NOT EXISTS (SELECT FROM chat) THEN 'chat_not_found'
+        WHEN %(branch_of)s::uuid IS NULL THEN NULL
+        WHEN NOT EXISTS (SELECT FROM branch) THEN 'message_not_found'
+        WHEN (SELECT role FROM branch) <> %(role)s::text THEN %(field)s::text
+    END)
+"""
+
+_SHOW_PARENT = """
+    UPDATE chats SET active_leaf_id = (SELECT parent_id FROM messages WHERE id = %(message_id)s)
+    WHERE id = %(chat_id)s
+"""
+
+# A prompt: under the chat's active leaf, or beside the message it edits.
+_INSERT_PROMPT = _insert_message_sql(
+    """CASE WHEN %(edit_of)s::uuid IS NULL
+                         THEN (SELECT c.active_leaf_id FROM chats c WHERE c.id = %(chat_id)s::uuid)
+                         ELSE (SELECT e.parent_id FROM messages e WHERE e.id = %(edit_of)s::uuid) END"""
+)
 
 
 def add_message(*, user_id: str, chat_id: str, content: str) -> dict[str, Any]:

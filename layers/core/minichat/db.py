@@ -11,13 +11,14 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from minichat.config import get_settings
 from minichat.errors import InvalidToken, ServiceUnavailable
 
-__all__ = ["Conn", "after_commit", "close_pool", "get_pool", "read", "transaction"]
+__all__ = ["Conn", "after_commit", "batch", "close_pool", "get_pool", "read", "transaction"]
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -140,3 +141,40 @@ def read() -> Iterator[Conn]:
                 _last_used[id(conn)] = time.monotonic()
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
+
+
+@contextmanager
+def batch() -> Iterator[Conn]:
+    """One transaction whose statements are sent together: one round trip for all of them.
+
+    The block queues statements (`conn.execute`) on a pipeline between BEGIN and COMMIT; nothing is sent
+    before its end, so results are read after it (a fetch inside would cost a round trip of its own).
+    At the first statement that fails, PostgreSQL skips the rest and the error is raised here after a
+    ROLLBACK (one more round trip, on that path only), as it is when the block itself raises before its
+    COMMIT was queued. after_commit() callbacks and error mapping as in transaction().
+    """
+    callbacks: list[Callable[[], None]] = []
+    token = _on_commit.set(callbacks)
+    try:
+        with get_pool().connection() as conn:
+            conn.autocommit = True  # BEGIN and COMMIT are ours: psycopg would sync the pipeline after each
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    yield conn
+                    conn.execute("COMMIT")
+            finally:
+                if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                conn.autocommit = False
+                _last_used[id(conn)] = time.monotonic()
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
+    except pg_errors.ForeignKeyViolation as exc:
+        if exc.diag.constraint_name in _USER_REFERENCES:
+            raise InvalidToken("This account no longer exists.") from exc
+        raise
+    finally:
+        _on_commit.reset(token)
+    for callback in callbacks:
+        callback()

@@ -14,6 +14,7 @@ deduplicates on eventId.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg.types.json import Jsonb
 
+from minichat import budget
 from minichat.db import Conn, after_commit, transaction
 from minichat.errors import ServiceUnavailable
 from minichat.event_schema import AUDIT_QUEUE, USAGE_QUEUE, AuditEvent, UsageEvent
@@ -114,6 +116,16 @@ def record_usage(
         occurred_at=datetime.now(UTC),
     )
     _enqueue(conn, USAGE_QUEUE, event.payload())
+    # The daily budget's counter counts it once it is committed, before the user's lock is released (the
+    # caller's next step): the user's next create already sees it.
+    after_commit(
+        functools.partial(
+            budget.add_usage,
+            user_id=str(user_id),
+            tokens=event.input_tokens + event.output_tokens,
+            at=event.occurred_at,
+        )
+    )
     return str(event.event_id)
 
 

@@ -16,11 +16,18 @@ from typing import Any
 import redis
 from psycopg import errors as pg_errors
 
-from minichat import auth, buffer, db, events, kv, limits
-from minichat.chats import answer_parent, insert_message, owned_chat_for_update, path_segments
+from minichat import accounts, admission, auth, budget, buffer, db, events, kv, limits
 from minichat.chats import delete_chat as _delete_chat_rows
+from minichat.chats import insert_message, owned_chat_for_update, path_segments, queue_prompt, refusal
 from minichat.config import get_settings
-from minichat.errors import GenerationInFlight, InvalidToken, MiniChatError, NotFound, ServiceUnavailable
+from minichat.errors import (
+    GenerationInFlight,
+    InvalidToken,
+    MiniChatError,
+    NotFound,
+    QuotaExceeded,
+    ServiceUnavailable,
+)
 from minichat.log import get_logger
 from minichat.providers.base import ChatMessage, build_prompt, estimate_prompt_tokens, estimate_tokens
 from minichat.serialize import iso
@@ -34,6 +41,7 @@ __all__ = [
     "cancel_generation",
     "cancel_key",
     "claim",
+    "count_refused_create",
     "create_generation",
     "delete_chat",
     "end_elsewhere",
@@ -125,26 +133,6 @@ def _running_generation(conn: db.Conn, user_id: str) -> str | None:
     return str(row["id"]) if row else None
 
 
-def _take_lock(client: redis.Redis, *, user_id: str, generation_id: str) -> None:
-    """Acquire the user's in-flight lock, clearing one left behind by a generation that has ended."""
-    for _ in range(2):
-        if limits.acquire_inflight(client, user_id=user_id, generation_id=generation_id):
-            return
-        holder = limits.inflight_holder(client, user_id)
-        if holder is None:
-            continue  # released in between: try again
-        with db.read() as conn:
-            row = conn.execute("SELECT status FROM generations WHERE id = %s", (holder,)).fetchone()
-        if row is not None and row["status"] in IN_FLIGHT:
-            raise GenerationInFlight(holder)
-        if row is None and client.pttl(limits.inflight_key(user_id)) > limits.LOCK_TTL_MS - _FRESH_LOCK_MS:
-            raise GenerationInFlight(holder)  # its create is still committing
-        # A lock left behind by a terminal (or vanished) generation never blocks.
-        limits.release_inflight(client, user_id=user_id, generation_id=holder)
-    holder = limits.inflight_holder(client, user_id)
-    raise GenerationInFlight(holder or "")
-
-
 def create_generation(
     *,
     user_id: str,
@@ -157,76 +145,199 @@ def create_generation(
     request_id: str | None,
     edit_of: str | None = None,
     regenerate_of: str | None = None,
+    call_counted: bool = False,
+    counted: admission.Counted | None = None,
 ) -> dict[str, Any]:
     """Queue a generation (with the user's message, in one transaction) under the in-flight lock.
 
-    Every kind of create (a new message, an edit, a regenerate, none) takes this one path: only where
-    its prompt goes in the chat's tree differs (chats.answer_parent).
+    Two round trips: one Redis script (the call and create rate limits, the daily budget, the lock: see
+    `_admit`), then one pipelined transaction (the chat locked and checked, the prompt placed, the
+    generation and its audit event inserted). Every kind of create (a new message, an edit, a
+    regenerate, none) takes this one path: only where its prompt goes in the chat's tree differs
+    (chats.queue_prompt). `call_counted`: this request was already counted against the per-call limit.
     """
     generation_id = str(uuid.uuid4())
-    client = kv.get_redis()
+    _admit(
+        user_id=user_id,
+        chat_id=chat_id,
+        generation_id=generation_id,
+        count_call=not call_counted,
+        counted=counted,
+    )
     try:
-        _take_lock(client, user_id=user_id, generation_id=generation_id)
-    except redis.RedisError as exc:
-        # Fail closed: without the lock there is no cheap guard against a second generation.
-        raise ServiceUnavailable("Generations are unavailable right now; retry shortly.") from exc
-    except GenerationInFlight:
-        # A chat that is missing or someone else's is 404 whatever else is running (checked only on
-        # this path, so the usual create pays no extra round trip).
-        with db.read() as conn:
-            if (
-                conn.execute(
-                    "SELECT 1 FROM chats WHERE id = %s AND user_id = %s", (chat_id, user_id)
-                ).fetchone()
-                is None
-            ):
-                raise NotFound("Chat not found.") from None
-        raise
-    try:
-        with db.transaction() as conn:
-            chat = owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
-            parent_id = answer_parent(
-                conn, chat=chat, content=content, edit_of=edit_of, regenerate_of=regenerate_of
-            )
-            try:
-                with conn.transaction():  # a savepoint: the backstop's violation must not end the transaction
-                    row = conn.execute(
-                        f"""
-                        INSERT INTO generations (id, chat_id, user_id, model, system_prompt, temperature,
-                                                 max_tokens, request_id, parent_message_id)
-                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-                        RETURNING {COLUMNS}
-                        """,
-                        (
-                            generation_id,
-                            chat_id,
-                            user_id,
-                            model,
-                            system_prompt,
-                            temperature,
-                            max_tokens,
-                            request_id,
-                            parent_id,
-                        ),
-                    ).fetchone()
-            except pg_errors.UniqueViolation:
-                # The partial unique index caught what the lock did not (Redis lost the key).
-                raise GenerationInFlight(_running_generation(conn, user_id) or "") from None
-            assert row is not None
-            events.record_audit(
-                conn,
-                user_id=user_id,
-                action="generation.created",
-                metadata={"generationId": generation_id, "chatId": chat_id, "model": model},
-            )
+        row = _queue(
+            generation_id=generation_id,
+            user_id=user_id,
+            chat_id=chat_id,
+            content=content,
+            edit_of=edit_of,
+            regenerate_of=regenerate_of,
+            model=model,
+            system_prompt=system_prompt,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            request_id=request_id,
+        )
     except BaseException:
-        _release_quietly(client, user_id=user_id, generation_id=generation_id)
+        _release_quietly(kv.get_redis(), user_id=user_id, generation_id=generation_id)
         raise
     return {
         "generationId": generation_id,
         "generation": generation_out(row),
         "streamUrl": stream_url(user_id=user_id, generation_id=generation_id),
     }
+
+
+def count_refused_create(*, user_id: str, call_counted: bool, counted: admission.Counted | None) -> None:
+    """A create refused before it was admitted (a bad body, an unknown model) still counts against the
+    limits, which come first: RateLimited over them, 503 without Redis (the create limit fails closed)."""
+    if not call_counted:
+        admission.check_call(user_id, counted=counted)
+    admission.check(admission.GENERATIONS, user_id, counted=counted)
+
+
+def _admit(
+    *, user_id: str, chat_id: str, generation_id: str, count_call: bool, counted: admission.Counted | None
+) -> None:
+    """The create's Redis checks in one script (limits.admit_create), refusing as SPEC says: 401 for a
+    deleted account, 429 rate_limited, 429 quota_exceeded, 409 generation_in_flight (404 instead when
+    the chat is not the user's), 503 without Redis (fail closed: without the lock nothing stops a second
+    generation but the database's backstop).
+
+    More round trips only off the usual path: the budget's counter seeded from the database (once per
+    user and FRESH_TTL_S), a lock held (is its generation still running, is the chat the user's).
+    """
+    settings = get_settings()
+    call_rate = admission.rate_of(admission.API_CALL, settings)
+    create_rate = admission.rate_of(admission.GENERATIONS, settings)
+    day = budget.today()
+    budget_keys = budget.keys(user_id, day)
+    first, seed, stale = True, None, None
+    holder: str | None = None
+    for _ in range(4):
+        try:
+            check = limits.admit_create(
+                user_id=user_id,
+                generation_id=generation_id,
+                deleted_key=accounts.deleted_key(user_id),
+                call_rate=call_rate,
+                count_call=first and count_call,
+                create_rate=create_rate,
+                count_create=first,
+                budget=budget_keys,
+                seed=seed,
+                stale_holder=stale,
+            )
+        except redis.RedisError as exc:
+            raise ServiceUnavailable("Generations are unavailable right now; retry shortly.") from exc
+        first = False  # the limits count a request once, whatever follows
+        if check.status == limits.GONE:
+            raise InvalidToken("This account no longer exists.")
+        for decision in (check.call, check.create):
+            if decision is not None:
+                admission.decide(decision, counted)
+        if check.status == limits.ADMITTED:
+            return
+        if check.status == limits.BUDGET_USED_UP:
+            raise QuotaExceeded(f"The daily budget of {budget_keys.budget} tokens is used up.")
+        if check.status == limits.NEEDS_SEED:
+            with db.read() as conn:
+                seed = budget.used_in_database(conn, user_id=user_id, day=day)
+            continue
+        holder = check.holder
+        stale = _ended_holder(check, user_id=user_id, chat_id=chat_id)
+    raise GenerationInFlight(holder or "")
+
+
+def _ended_holder(check: limits.CreateCheck, *, user_id: str, chat_id: str) -> str | None:
+    """The lock is held: raise NotFound (the chat is not the user's, whatever runs) or GenerationInFlight
+    (its generation runs, or its create is still committing); else the holder, whose lock was left
+    behind by a generation that has ended and never blocks (None: released in between)."""
+    with db.read() as conn:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM chats WHERE id = %(chat)s AND user_id = %(user)s) AS owned,"
+            " (SELECT status FROM generations WHERE id = %(holder)s) AS status",
+            {"chat": chat_id, "user": user_id, "holder": check.holder},
+        ).fetchone()
+    assert row is not None
+    if not row["owned"]:
+        raise NotFound("Chat not found.")
+    if check.holder is None:
+        return None
+    if row["status"] in IN_FLIGHT:
+        raise GenerationInFlight(check.holder)
+    if row["status"] is None and check.holder_pttl_ms > limits.LOCK_TTL_MS - _FRESH_LOCK_MS:
+        raise GenerationInFlight(check.holder)  # its create is still committing
+    return check.holder
+
+
+_INSERT_GENERATION = f"""
+    INSERT INTO generations (id, chat_id, user_id, model, system_prompt, temperature, max_tokens,
+                             request_id, parent_message_id)
+    SELECT %(id)s::uuid, c.id, %(user_id)s::uuid, %(model)s::text, %(system_prompt)s::text,
+           %(temperature)s::float8, %(max_tokens)s::integer, %(request_id)s::text, c.active_leaf_id
+    FROM chats c WHERE c.id = %(chat_id)s::uuid
+    RETURNING {COLUMNS}
+"""
+
+
+def _queue(
+    *,
+    generation_id: str,
+    user_id: str,
+    chat_id: str,
+    content: str | None,
+    edit_of: str | None,
+    regenerate_of: str | None,
+    model: str,
+    system_prompt: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    request_id: str | None,
+) -> dict[str, Any]:
+    """The create's transaction, one round trip: the prompt placed (chats.queue_prompt), then the
+    generation, which answers the chat's active leaf as that left it, and its audit event."""
+    try:
+        with db.batch() as conn:
+            queue_prompt(
+                conn,
+                user_id=user_id,
+                chat_id=chat_id,
+                content=content,
+                edit_of=edit_of,
+                regenerate_of=regenerate_of,
+            )
+            inserted = conn.execute(
+                _INSERT_GENERATION,
+                {
+                    "id": generation_id,
+                    "user_id": user_id,
+                    "chat_id": chat_id,
+                    "model": model,
+                    "system_prompt": system_prompt,
+                    "temperature": temperature,
+                    "max_tokens": max_tokens,
+                    "request_id": request_id,
+                },
+            )
+            events.record_audit(
+                conn,
+                user_id=user_id,
+                action="generation.created",
+                metadata={"generationId": generation_id, "chatId": chat_id, "model": model},
+            )
+    except pg_errors.RaiseException as exc:
+        error = refusal(exc)
+        if error is None:
+            raise
+        raise error from None
+    except pg_errors.UniqueViolation:
+        # The partial unique index caught what the lock did not (Redis lost the key).
+        with db.read() as conn:
+            raise GenerationInFlight(_running_generation(conn, user_id) or "") from None
+    row = inserted.fetchone()
+    assert row is not None
+    return row
 
 
 def _release_quietly(client: redis.Redis, *, user_id: str, generation_id: str) -> None:

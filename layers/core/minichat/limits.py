@@ -16,9 +16,12 @@ from minichat.errors import ConfigError
 __all__ = [
     "LOCK_TTL_MS",
     "STREAM_LEASE_MS",
+    "BudgetKeys",
+    "CreateCheck",
     "Decision",
     "Rate",
     "acquire_inflight",
+    "admit_create",
     "close_stream_async",
     "hit",
     "inflight_holder",
@@ -84,33 +87,43 @@ async def renew_inflight_async(
 # Generic cell rate algorithm: one number per key, the "theoretical arrival time" (TAT). Time comes from
 # the Redis server (TIME), so every API process agrees on it whatever their clocks say; the whole
 # read-decide-write is one script, so concurrent requests cannot both take the last slot.
+# gcra() returns {allowed 1|0, remaining, retry after ms, reset ms}; `peek` decides without counting.
+_GCRA_FUNCTION = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function gcra(key, period, limit, now, peek)
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - period
+  if allow_at > now then
+    return {0, 0, math.ceil(allow_at - now), math.ceil(tat - now)}
+  end
+  if not peek then
+    redis.call('SET', key, tostring(new_tat), 'PX', math.ceil(new_tat - now))
+  end
+  return {1, math.floor((now - allow_at) / interval), 0, math.ceil(new_tat - now)}
+end
+"""
+
 # KEYS[2], when given, refuses outright while it exists (a deleted account's marker): checked in the same
 # round trip as the limit, so refusing a deleted user's tokens costs the API nothing more per request.
 # ARGV[2] = 0: no limit, only that check. ARGV[3] = "peek": decide without counting this request.
-_GCRA = kv.Script("""
+_GCRA = kv.Script(
+    _GCRA_FUNCTION
+    + """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
   return {-1, 0, 0, 0}
 end
 if ARGV[2] == '0' then
   return {1, 0, 0, 0}
 end
-local period = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = period / limit
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - period
-if allow_at > now then
-  return {0, 0, math.ceil(allow_at - now), math.ceil(tat - now)}
-end
-if ARGV[3] ~= 'peek' then
-  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now))
-end
-return {1, math.floor((now - allow_at) / interval), 0, math.ceil(new_tat - now)}
-""")
+return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now_ms(), ARGV[3] == 'peek')
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,144 @@ def hit(
         retry_after_s=max(1, math.ceil(int(retry_ms) / 1000)) if int(allowed) != 1 else 0,
         reset_s=math.ceil(int(reset_ms) / 1000),
         gone=int(allowed) == -1,
+    )
+
+
+# --- a generation's create: every Redis check it needs, in one round trip --------------------------------
+
+# In the order a create is refused: the deleted-account marker, the per-call limit, the per-user create
+# limit, the daily token budget (its counter missing, or due a refresh from the database: call again with
+# the database's total as ARGV[6]; the counter then keeps the larger of the two, so usage added here is
+# never lost to an older total), then the in-flight lock, SET NX. A limit given as '-' is not counted
+# (this request counted it already), '0' is off. ARGV[11], when given, is a lock holder known to have
+# ended: its lock is cleared first (compare-and-delete), in the same step as taking ours.
+# Returns {status, call remaining, retry ms, reset ms, create remaining, retry ms, reset ms, lock holder,
+# its PTTL}; a remaining of -1: not counted.
+_ADMIT_CREATE = kv.Script(
+    _GCRA_FUNCTION
+    + """
+local out = {1, -1, 0, 0, -1, 0, 0, '', 0}
+if redis.call('EXISTS', KEYS[2]) == 1 then out[1] = -1 return out end
+local now = now_ms()
+if ARGV[2] ~= '-' and ARGV[2] ~= '0' then
+  local d = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now, false)
+  out[2], out[3], out[4] = d[2], d[3], d[4]
+  if d[1] == 0 then out[1] = 2 return out end
+end
+if ARGV[4] ~= '-' and ARGV[4] ~= '0' then
+  local d = gcra(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), now, false)
+  out[5], out[6], out[7] = d[2], d[3], d[4]
+  if d[1] == 0 then out[1] = 3 return out end
+end
+if ARGV[5] ~= '0' then
+  local used = redis.call('GET', KEYS[4])
+  if not used or redis.call('EXISTS', KEYS[5]) == 0 then
+    if ARGV[6] == '' then out[1] = 4 return out end
+    if not used or tonumber(ARGV[6]) > tonumber(used) then used = ARGV[6] end
+    redis.call('SET', KEYS[4], used, 'PX', ARGV[7])
+    redis.call('SET', KEYS[5], '1', 'PX', ARGV[8])
+  end
+  if tonumber(used) >= tonumber(ARGV[5]) then out[1] = 5 return out end
+end
+if ARGV[11] ~= '' and redis.call('GET', KEYS[6]) == ARGV[11] then
+  redis.call('DEL', KEYS[6])
+end
+if not redis.call('SET', KEYS[6], ARGV[9], 'NX', 'PX', ARGV[10]) then
+  out[1] = 6
+  out[8] = redis.call('GET', KEYS[6]) or ''
+  out[9] = redis.call('PTTL', KEYS[6])
+end
+return out
+"""
+)
+
+ADMITTED, GONE, CALL_LIMITED, CREATE_LIMITED, NEEDS_SEED, BUDGET_USED_UP, LOCK_HELD = 1, -1, 2, 3, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class CreateCheck:
+    """What a create's one Redis call found (`status`: one of the constants above)."""
+
+    status: int
+    call: Decision | None  # the per-call limit, when counted
+    create: Decision | None  # the per-user create limit, when counted
+    holder: str | None = None  # LOCK_HELD: the generation holding the lock
+    holder_pttl_ms: int = 0
+
+
+@dataclass(frozen=True)
+class BudgetKeys:
+    """The daily budget's counter (tokens used today) and its freshness marker, in Redis."""
+
+    counter: str
+    fresh: str
+    budget: int  # 0: no budget
+    counter_ttl_ms: int
+    fresh_ttl_ms: int
+
+
+def _rate_args(rate: Rate | None, count: bool) -> list[str | int]:
+    if not count:
+        return [0, "-"]
+    return [rate.period_s * 1000, rate.limit] if rate else [0, "0"]
+
+
+def _decision(rate: Rate | None, values: list[Any], allowed: bool) -> Decision | None:
+    remaining, retry_ms, reset_ms = (int(v) for v in values)
+    if rate is None or remaining < 0:
+        return None
+    return Decision(
+        allowed=allowed,
+        limit=rate.limit,
+        remaining=remaining,
+        retry_after_s=0 if allowed else max(1, math.ceil(retry_ms / 1000)),
+        reset_s=math.ceil(reset_ms / 1000),
+    )
+
+
+def admit_create(
+    *,
+    user_id: str,
+    generation_id: str,
+    deleted_key: str,
+    call_rate: Rate | None,
+    count_call: bool,
+    create_rate: Rate | None,
+    count_create: bool,
+    budget: BudgetKeys,
+    seed: int | None = None,
+    stale_holder: str | None = None,
+) -> CreateCheck:
+    """The deleted-account check, the rate limits, the daily budget and the in-flight lock of a create, in
+    one script (one round trip). Raises redis.RedisError when Redis cannot be reached."""
+    keys = [
+        f"ratelimit:api:{user_id}",
+        deleted_key,
+        f"ratelimit:generations:{user_id}",
+        budget.counter,
+        budget.fresh,
+        inflight_key(user_id),
+    ]
+    args: list[str | int] = [
+        *_rate_args(call_rate, count_call),
+        *_rate_args(create_rate, count_create),
+        budget.budget,
+        "" if seed is None else seed,
+        budget.counter_ttl_ms,
+        budget.fresh_ttl_ms,
+        generation_id,
+        LOCK_TTL_MS,
+        stale_holder or "",
+    ]
+    out = kv.run_script(_ADMIT_CREATE, keys, args)
+    status = int(out[0])
+    holder = out[7].decode() if isinstance(out[7], bytes) else str(out[7])
+    return CreateCheck(
+        status=status,
+        call=_decision(call_rate, out[1:4], status != CALL_LIMITED),
+        create=_decision(create_rate, out[4:7], status != CREATE_LIMITED),
+        holder=holder or None,
+        holder_pttl_ms=int(out[8]),
     )
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
+from minichat import budget, db
+from minichat.config import get_settings
 from minichat.db import transaction
 from minichat.errors import ServiceUnavailable
 from minichat.event_schema import (
@@ -55,6 +57,7 @@ __all__ = [
     "parse_audit",
     "parse_usage",
     "record_batch",
+    "report",
 ]
 
 log = get_logger("minichat.usage")
@@ -386,14 +389,19 @@ def daily_totals(
     return {"days": days, "totals": {"inputTokens": total_in, "outputTokens": total_out}}
 
 
-def tokens_today(conn: psycopg.Connection[Any], *, user_id: str | uuid.UUID) -> int:
-    """The user's input + output tokens for the current UTC day (as the worker has counted them)."""
-    row = conn.execute(
-        "SELECT input_tokens + output_tokens FROM daily_usage"
-        " WHERE user_id = %s AND day = (now() AT TIME ZONE 'UTC')::date",
-        (user_id,),
-    ).fetchone()
-    if row is None:
-        return 0
-    value = row[0] if isinstance(row, tuple) else next(iter(row.values()))
-    return int(value)
+def report(*, user_id: str, day_from: date | None, day_to: date | None) -> dict[str, Any]:
+    """GET /api/usage: daily totals of [day_from, day_to] (by default the 30 days through today, UTC; no
+    earlier than the first day there is), and the daily budget with what is left of it today."""
+    today = budget.today()
+    day_to = day_to or today
+    day_from = day_from or date.fromordinal(max(1, day_to.toordinal() - 29))
+    daily = get_settings().daily_token_budget
+    with db.read() as conn:
+        reply = daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
+        recorded = budget.used_in_database(conn, user_id=user_id, day=today) if daily else 0
+    if not daily:
+        reply["budget"] = None
+        return reply
+    used = budget.used_today(user_id=user_id, recorded=recorded, day=today)
+    reply["budget"] = {"dailyTokens": daily, "usedToday": used, "remainingToday": max(0, daily - used)}
+    return reply
