@@ -190,3 +190,22 @@ def test_without_redis_a_create_with_a_budget_fails_closed_and_writes_nothing(
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
     # Reads fail open: the usage report shows what the database has.
     assert api.request("GET", "/api/usage", user=user).json()["budget"]["usedToday"] == 0
+
+
+def test_a_refused_batch_leaves_its_connection_usable(db: Any) -> None:
+    """A refusal aborts the pipeline before the statements after it, which psycopg takes for prepared on
+    their fifth use: the connection must forget them, or every later use of them fails on it."""
+    from psycopg import errors as pg_errors
+
+    from minichat import db as database
+
+    outcomes = []
+    for i in range(120):  # enough rounds for each of the pool's connections to pass the fifth use
+        try:
+            with database.batch() as conn:
+                conn.execute("SELECT minichat_refuse(CASE WHEN %s THEN 'test' END)", (i % 3 == 2,))
+                cur = conn.execute("SELECT %s::int + 1 AS n", (i,))
+            outcomes.append(cur.fetchone()["n"] == i + 1)
+        except pg_errors.RaiseException as exc:
+            outcomes.append(exc.diag.constraint_name == "test")
+    assert all(outcomes)

@@ -165,7 +165,9 @@ def batch() -> Iterator[Conn]:
                     conn.execute("COMMIT")
             finally:
                 if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
+                    # psycopg's own rollback: statements it took for prepared in the aborted pipeline
+                    # may never have been (a statement before them failed); it forgets them all.
+                    conn.rollback()
                 conn.autocommit = False
                 _last_used[id(conn)] = time.monotonic()
     except (psycopg.OperationalError, PoolTimeout) as exc:
