@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import Api, Account, EventStream, assert_error
+from helpers import Account, Api, EventStream, assert_error
 from minichat import budget, kv, limits
 from minichat.config import get_settings, set_settings
 from minichat_local.roundtrips import recording
