@@ -398,7 +398,13 @@ def report(*, user_id: str, day_from: date | None, day_to: date | None) -> dict[
     daily = get_settings().daily_token_budget
     with db.read() as conn:
         reply = daily_totals(conn, user_id=user_id, day_from=day_from, day_to=day_to)
-        recorded = budget.used_in_database(conn, user_id=user_id, day=today) if daily else 0
+        shown = {day["day"]: day for day in reply["days"]}.get(today.isoformat())
+        if not daily:
+            recorded = 0
+        elif shown is not None:  # today is in the range: no second query
+            recorded = shown["inputTokens"] + shown["outputTokens"]
+        else:
+            recorded = budget.used_in_database(conn, user_id=user_id, day=today)
     if not daily:
         reply["budget"] = None
         return reply
