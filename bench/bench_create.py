@@ -73,6 +73,7 @@ class Side:
     tree: Path
     round_trips: dict[str, Any] = field(default_factory=dict)  # "budget" / "no budget" -> counts
     rounds: list[Figure] = field(default_factory=list)
+    events_cpu: list[float] = field(default_factory=list)  # per round: ms per create in the supervisor
 
 
 def export_baseline(rev: str, into: Path) -> Path:
@@ -198,8 +199,14 @@ def provision(count: int, env: dict[str, str]) -> list[tuple[str, str]]:
     return [(auth.issue_access_token(u, settings=settings), c) for u, c in zip(users, chats, strict=True)]
 
 
-async def create_round(name: str, port: int, requests: list[bytes], plan: Plan, server_pid: int) -> Figure:
-    """Closed loop: each client sends the next create (a user of its own) as soon as the last answered."""
+async def create_round(
+    name: str, port: int, requests: list[bytes], plan: Plan, server_pid: int, supervisor: list[float]
+) -> Figure:
+    """Closed loop: each client sends the next create (a user of its own) as soon as the last answered.
+
+    `supervisor` gets local mode's supervisor process's own CPU seconds at the start and the end: with
+    several workers it serves no request, it relays the outbox and consumes the events.
+    """
     figure = Figure(name, clients=plan.clients, cpu=CpuMeter(server_pid))
     pending = iter(requests)
     conns = [HttpConn(port) for _ in range(plan.clients)]
@@ -230,6 +237,7 @@ async def create_round(name: str, port: int, requests: list[bytes], plan: Plan, 
         await asyncio.sleep(max(0.0, kept_from - time.perf_counter()))
         assert figure.cpu is not None
         figure.cpu.start()
+        supervisor.append(bench_api._proc_cpu(server_pid))
 
     try:
         await asyncio.wait_for(
@@ -239,6 +247,7 @@ async def create_round(name: str, port: int, requests: list[bytes], plan: Plan, 
         await asyncio.gather(*(c.close() for c in conns))
     assert figure.cpu is not None
     figure.cpu.stop()
+    supervisor.append(bench_api._proc_cpu(server_pid))
     figure.wall = last_done - kept_from
     if ran_out:
         raise BenchError(f"{name}: ran out of provisioned users; provision more")
@@ -269,13 +278,15 @@ def run_round(side: Side, plan: Plan, users: int) -> Figure:
         ]
         probe = cpu_probe()
         figure: Figure | None = None
+        supervisor: list[float] = []
 
         async def main() -> None:
             nonlocal figure
-            figure = await create_round(side.name, port, requests, plan, server.proc.pid)
+            figure = await create_round(side.name, port, requests, plan, server.proc.pid, supervisor)
 
         bench_api._event_loop_run(main)
         assert figure is not None
+        side.events_cpu.append((supervisor[1] - supervisor[0]) / figure.n * 1000)
         figure.probe_ms = max(probe, cpu_probe())
         server.check_alive()
         return figure
@@ -323,7 +334,7 @@ def print_report(sides: list[Side], plan: Plan) -> None:
             )
     head = (
         f"{'pair':<5}{'tree':<11}{'creates/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'CPU ms/create srv':>19}{'pg':>7}{'cli':>7}{'others':>8}{'probe':>7}"
+        f"{'CPU ms/create srv':>19}{'(events)':>9}{'pg':>7}{'cli':>7}{'others':>8}{'probe':>7}"
     )
     print(
         f"\nload: {plan.clients} clients, closed loop, {plan.seconds:.0f} s a round"
@@ -338,7 +349,8 @@ def print_report(sides: list[Side], plan: Plan) -> None:
             others = f.cpu.cores()[1]
             print(
                 f"{i + 1:<5}{side.name:<11}{f.rate:>10.0f}{f.pct(50):>9.2f}{f.pct(99):>9.2f}"
-                f"{_per_create(f, 'server'):>19.2f}{_per_create(f, 'postgres'):>7.2f}"
+                f"{_per_create(f, 'server'):>19.2f}{side.events_cpu[i]:>9.2f}"
+                f"{_per_create(f, 'postgres'):>7.2f}"
                 f"{_per_create(f, 'client'):>7.2f}{'-' if others is None else f'{others:.2f}':>8}"
                 f"{f.probe_ms or 0:>7.1f}"
             )
@@ -352,11 +364,12 @@ def print_report(sides: list[Side], plan: Plan) -> None:
             "p99": statistics.median(f.pct(99) for f in rounds),
             "srv": statistics.median(_per_create(f, "server") for f in rounds),
             "pg": statistics.median(_per_create(f, "postgres") for f in rounds),
+            "events": statistics.median(side.events_cpu),
         }
         m = medians[side.name]
         print(
             f"{'med':<5}{side.name:<11}{m['rate']:>10.0f}{m['p50']:>9.2f}{m['p99']:>9.2f}"
-            f"{m['srv']:>19.2f}{m['pg']:>7.2f}"
+            f"{m['srv']:>19.2f}{m['events']:>9.2f}{m['pg']:>7.2f}"
         )
     if len(sides) == 2:
         base, ours = (side.rounds for side in sides)
@@ -375,7 +388,8 @@ def print_report(sides: list[Side], plan: Plan) -> None:
             + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items())
         )
     print(
-        "CPU ms/create: server = local mode's processes (workers + the supervisor's relay and consumer),"
+        "CPU ms/create: server = local mode's processes (workers + the supervisor's relay and consumer;"
+        " (events): the supervisor's part),"
         " pg = the bench database's PostgreSQL backends, cli = this client; others: cores other processes"
         " kept busy. probe: benchlib.cpu_probe() ms (about 16 or less when the machine runs at its usual"
         " speed)."

@@ -20,7 +20,6 @@ __all__ = [
     "CreateCheck",
     "Decision",
     "Rate",
-    "acquire_inflight",
     "admit_create",
     "close_stream_async",
     "hit",
@@ -55,11 +54,6 @@ return 0
 
 def inflight_key(user_id: str) -> str:
     return f"user:{user_id}:inflight_generation"
-
-
-def acquire_inflight(client: redis.Redis, *, user_id: str, generation_id: str) -> bool:
-    """SET NX with a TTL; True when this generation now holds the user's lock."""
-    return bool(client.set(inflight_key(user_id), generation_id, nx=True, px=LOCK_TTL_MS))
 
 
 def inflight_holder(client: redis.Redis, user_id: str) -> str | None:
