@@ -15,10 +15,6 @@ from minichat.config import get_settings, set_settings
 from minichat_local.roundtrips import recording
 
 
-def _create(api: Api, user: Account, chat_id: str, **body: Any) -> httpx.Response:
-    return api.request("POST", f"/api/chats/{chat_id}/generations", user=user, json=body)
-
-
 def _cancel(api: Api, user: Account, response: httpx.Response) -> None:
     assert response.status_code == 201, response.text
     api.request("POST", f"/api/generations/{response.json()['generationId']}/cancel", user=user)
@@ -39,22 +35,19 @@ def test_a_create_costs_two_round_trips(api: Api, settings_with: Any, daily_budg
     user = api.register()
     chats = [api.create_chat(user)["id"] for _ in range(4)]
     for chat_id in chats[:3]:  # warm: pools, the script known to Redis, the budget's counter seeded
-        _cancel(api, user, _create(api, user, chat_id, content="hello"))
+        _cancel(api, user, api.create_generation(user, chat_id, content="hello"))
     with recording() as trips:
-        r = _create(api, user, chats[3], content="hello")
+        r = api.create_generation(user, chats[3], content="hello")
     assert r.status_code == 201, r.text
     # One Redis script (limits, budget, lock), one pipelined transaction; the target is 3 at most.
     assert (trips.redis, trips.postgres) == (1, 1), (trips.summary(), dict(trips.redis_callers))
     _cancel(api, user, r)
     # An edit and a regenerate take the same path: the same two round trips.
-    answered = _create(api, user, chats[0], content="again")
-    stream = EventStream(api.http, answered.json()["streamUrl"])
-    stream.until_done()
-    stream.close()
+    api.generate(user, chats[0], until_done=True, content="again")
     path = api.request("GET", f"/api/chats/{chats[0]}/messages", user=user).json()["items"]
     for body in ({"regenerateOf": path[-1]["id"]}, {"content": "edited", "editOf": path[-2]["id"]}):
         with recording() as trips:
-            r = _create(api, user, chats[0], **body)
+            r = api.create_generation(user, chats[0], **body)
         assert r.status_code == 201, r.text
         assert trips.total <= 3 and trips.redis == 1, trips.summary()
         _cancel(api, user, r)
@@ -63,16 +56,16 @@ def test_a_create_costs_two_round_trips(api: Api, settings_with: Any, daily_budg
 def test_a_refused_create_is_rolled_back_whole(api: Api, db: Any, redis_client: Any) -> None:
     user, other = api.register(), api.register()
     chat = api.create_chat(user)
-    first = _create(api, user, chat["id"], content="first")
+    first = api.create_generation(user, chat["id"], content="first")
     assert first.status_code == 201
     # The lock lost: the partial unique index refuses the generation, and the message sent with it goes.
     redis_client.delete(limits.inflight_key(user.user_id))
-    r = _create(api, user, chat["id"], content="second")
+    r = api.create_generation(user, chat["id"], content="second")
     assert assert_error(r, 409, "generation_in_flight")["generationId"] == first.json()["generationId"]
     assert [row[0] for row in db.execute("SELECT content FROM messages ORDER BY seq")] == ["first"]
     assert redis_client.get(limits.inflight_key(user.user_id)) is None  # our lock was given back
     # Someone else's chat: 404 from the first statement, nothing after it runs.
-    r = _create(api, other, chat["id"], content="intruder")
+    r = api.create_generation(other, chat["id"], content="intruder")
     assert_error(r, 404, "not_found")
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
@@ -84,8 +77,8 @@ def test_a_create_refused_before_it_starts_still_counts_against_the_limit(
     user = api.register()
     chat = api.create_chat(user)
     settings_with(rate_generations="1/60")
-    assert_error(_create(api, user, chat["id"], temperature=9), 400, "validation_error")
-    r = _create(api, user, chat["id"], content="now")
+    assert_error(api.create_generation(user, chat["id"], temperature=9), 400, "validation_error")
+    r = api.create_generation(user, chat["id"], content="now")
     assert_error(r, 429, "rate_limited")
     assert r.headers["x-ratelimit-limit"] == "1" and int(r.headers["retry-after"]) >= 1
 
@@ -97,13 +90,13 @@ def test_the_budget_counter_is_seeded_from_the_database_when_lost(
     user = api.register()
     chat = api.create_chat(user)
     _today_usage(db, user, 60)
-    _cancel(api, user, _create(api, user, chat["id"], content="within"))  # seeded: 60 of 100
+    _cancel(api, user, api.create_generation(user, chat["id"], content="within"))  # seeded: 60 of 100
     counter = budget.keys(user.user_id, budget.today()).counter
     assert redis_client.get(counter) == b"60"
     # Redis restarted (every key gone) while the worker recorded more: the next create seeds again.
     redis_client.flushdb()
     _today_usage(db, user, 100)
-    r = _create(api, user, chat["id"], content="over")
+    r = api.create_generation(user, chat["id"], content="over")
     error = assert_error(r, 429, "quota_exceeded")
     assert "100" in error["message"] and int(r.headers["retry-after"]) >= 1
     assert redis_client.get(counter) == b"100"
@@ -115,17 +108,17 @@ def test_the_budget_counter_is_refreshed_and_never_goes_back(
     settings_with(daily_token_budget=100)
     user = api.register()
     chat = api.create_chat(user)
-    _cancel(api, user, _create(api, user, chat["id"], content="a"))  # seeded at 0
+    _cancel(api, user, api.create_generation(user, chat["id"], content="a"))  # seeded at 0
     keys = budget.keys(user.user_id, budget.today())
     # Usage the worker recorded after the seeding is picked up once the counter is due a refresh...
     _today_usage(db, user, 100)
-    _cancel(api, user, _create(api, user, chat["id"], content="b"))  # not yet: the counter is fresh
+    _cancel(api, user, api.create_generation(user, chat["id"], content="b"))  # not yet: the counter is fresh
     redis_client.delete(keys.fresh)
-    assert_error(_create(api, user, chat["id"], content="c"), 429, "quota_exceeded")
+    assert_error(api.create_generation(user, chat["id"], content="c"), 429, "quota_exceeded")
     # ...and a database that lags behind the counter never lowers it.
     redis_client.set(keys.counter, 150)
     redis_client.delete(keys.fresh)
-    assert_error(_create(api, user, chat["id"], content="d"), 429, "quota_exceeded")
+    assert_error(api.create_generation(user, chat["id"], content="d"), 429, "quota_exceeded")
     assert redis_client.get(keys.counter) == b"150"
     usage = api.request("GET", "/api/usage", user=user).json()["budget"]
     assert usage == {"dailyTokens": 100, "usedToday": 150, "remainingToday": 0}
@@ -161,7 +154,7 @@ def test_concurrent_creates_overspend_the_budget_by_one_generation_at_most(
     # create is refused: the budget was overspent by that one generation, no more.
     assert db.execute("SELECT count(*) FROM daily_usage").fetchone()[0] == 0
     for chat_id in chats[:3]:
-        assert_error(_create(api, user, chat_id, content="more"), 429, "quota_exceeded")
+        assert_error(api.create_generation(user, chat_id, content="more"), 429, "quota_exceeded")
     used = api.request("GET", "/api/usage", user=user).json()["budget"]
     assert used["usedToday"] >= 1 and used["remainingToday"] == 0
     assert db.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
@@ -183,7 +176,7 @@ def test_without_redis_a_create_with_a_budget_fails_closed_and_writes_nothing(
     user = api.register()
     chat = api.create_chat(user)
     for body in ({"content": "hi"}, {"temperature": 9}):  # also when the body is refused first
-        r = _create(api, user, chat["id"], **body)
+        r = api.create_generation(user, chat["id"], **body)
         assert_error(r, 503, "service_unavailable")
         assert r.headers["retry-after"] == "1"
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
