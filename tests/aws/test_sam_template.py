@@ -361,6 +361,14 @@ def test_each_lambda_environment_holds_a_small_database_pool(translated: dict[st
         assert env["MINICHAT_DB_POOL_MAX"] == {"Ref": "DatabasePoolSize"}, name
 
 
+def test_every_function_knows_the_daily_budget(translated: dict[str, Any]) -> None:
+    # The API checks it; the stream and reaper functions add each generation's usage to its counter.
+    assert translated["Parameters"]["DailyTokenBudget"]["Default"] == 0
+    for name, function in _resources(translated, "AWS::Lambda::Function").items():
+        env = function["Properties"]["Environment"]["Variables"]
+        assert env["MINICHAT_DAILY_TOKEN_BUDGET"] == {"Ref": "DailyTokenBudget"}, name
+
+
 def test_an_optional_rds_proxy_stands_between_the_functions_and_the_database(
     translated: dict[str, Any],
 ) -> None:
