@@ -1,7 +1,10 @@
 """A stand-in for Amazon Bedrock ConverseStream, speaking AWS event-stream framing (tests, benchmarks).
 
-The real boto3 client talks to it through MINICHAT_BEDROCK_ENDPOINT_URL (any credentials: the stand-in
-does not check SigV4, it only records that a signature came). `POST /model/{modelId}/converse-stream`
+MiniChat's provider and the real boto3 client talk to it through MINICHAT_BEDROCK_ENDPOINT_URL. Given
+`secrets` (access key id → secret key), it checks each request's SigV4 signature as AWS does (botocore
+recomputes it from the request as received) and answers 403 InvalidSignatureException /
+UnrecognizedClientException otherwise; without, any credentials pass (the signature is only recorded).
+`POST /model/{modelId}/converse-stream`
 answers `application/vnd.amazon.eventstream`: messageStart, one contentBlockDelta per token,
 contentBlockStop, messageStop (stopReason `max_tokens` when inferenceConfig.maxTokens cut the answer,
 else `end_turn`) and metadata (usage). Every message is framed as Bedrock frames it: a prelude (total and
@@ -10,7 +13,8 @@ the message CRC32.
 
 The behaviour comes from the model id, as for the OpenAI stub (minichat_local.openai_stub.Behavior):
 `stub-tokens-100-rate-50` (100 tokens at 50 tokens/s), `stub-stall-after-1` (one token, then nothing until
-the client leaves; `-0`: nothing after messageStart), `stub-ttft-ms-2000`, `stub-error-429` (an HTTP error
+the client leaves; `-0`: nothing after messageStart), `stub-ttft-ms-2000`, a `:version` suffix ignored (as
+in `anthropic.claude-v2:1`), `stub-error-429` (an HTTP error
 with `x-amzn-ErrorType`: 429 ThrottlingException, 503 ServiceUnavailableException, 408
 ModelTimeoutException, 400 ValidationException, 403 AccessDeniedException, ...), `stub-fail-after-3` (an
 in-stream `modelStreamErrorException`), `stub-drop-after-3` (cut the connection).
@@ -25,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hmac
 import json
+import re
 import struct
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -53,6 +60,7 @@ __all__ = [
     "encode_message",
     "main",
     "prompt_tokens",
+    "sigv4_error",
 ]
 
 # HTTP status → the error type Bedrock names in `x-amzn-ErrorType`.
@@ -111,18 +119,68 @@ def prompt_tokens(request: dict[str, Any]) -> int:
     return sum(-(-len(text) // 4) + 4 for text in texts)
 
 
+_AUTHORIZATION = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<day>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/"
+    r"aws4_request, SignedHeaders=(?P<signed>[a-z0-9;-]+), Signature=(?P<signature>[0-9a-f]{64})"
+)
+
+
+def sigv4_error(scope: Scope, body: bytes, secrets: Mapping[str, str]) -> str | None:
+    """None if the request carries a valid SigV4 signature by one of `secrets`' keys, else the error code
+    AWS would answer with. botocore recomputes the signature from the request as received: the raw path
+    (a model id's `:` stays `%3A`), the signed headers, the body and the X-Amz-Date."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    match = _AUTHORIZATION.fullmatch(headers.get("authorization", ""))
+    if match is None:
+        return "IncompleteSignatureException"
+    key, signed = match["key"], match["signed"].split(";")
+    if key not in secrets:
+        return "UnrecognizedClientException"
+    timestamp = headers.get("x-amz-date", "")
+    if not timestamp.startswith(match["day"]) or "host" not in signed or "x-amz-date" not in signed:
+        return "IncompleteSignatureException"
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
+    request = AWSRequest(
+        method=scope["method"],
+        url=f"http://{headers.get('host', '')}{path}" + (f"?{query}" if query else ""),
+        data=body,
+        headers={name: headers.get(name, "") for name in signed if name != "host"},
+    )
+    request.context["timestamp"] = timestamp
+    signer = SigV4Auth(
+        Credentials(key, secrets[key], headers.get("x-amz-security-token")), match["service"], match["region"]
+    )
+    if signer.signed_headers(signer.headers_to_sign(request)) != match["signed"]:
+        return "InvalidSignatureException"
+    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+    return None if hmac.compare_digest(expected, match["signature"]) else "InvalidSignatureException"
+
+
 @dataclass
 class BedrockStubStats(StubStats):
-    """The OpenAI stub's counters, plus the model id of the last request (it travels in the path)."""
+    """The OpenAI stub's counters, plus the model id of the last request (it travels in the path) and
+    the signatures checked."""
 
     last_model: str = ""
+    signatures_checked: int = 0
+    signature_errors: list[str] = field(default_factory=list)
 
 
 class BedrockStub:
-    """The ASGI app: `POST /model/{modelId}/converse-stream`."""
+    """The ASGI app: `POST /model/{modelId}/converse-stream`.
 
-    def __init__(self, behavior: Behavior | None = None) -> None:
+    `fail_next`: HTTP statuses to answer the next requests with, one each, before the model's behaviour
+    (a throttled first attempt, then an answer)."""
+
+    def __init__(self, behavior: Behavior | None = None, *, secrets: Mapping[str, str] | None = None) -> None:
         self.behavior = behavior or Behavior()
+        self.secrets = dict(secrets) if secrets else None
+        self.fail_next: list[int] = []
         self.stats = BedrockStubStats()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -137,15 +195,29 @@ class BedrockStub:
             await _error(send, 404, "UnknownOperationException", "no such operation")
             return
         model = unquote(path[len("/model/") : -len("/converse-stream")])
+        body = await read_body(receive)
+        if self.secrets is not None:
+            self.stats.signatures_checked += 1
+            refused = sigv4_error(scope, body, self.secrets)
+            if refused is not None:
+                self.stats.requests += 1
+                self.stats.signature_errors.append(refused)
+                await _error(send, 403, refused, f"{ERROR_BODY_MARKER}: the signature does not match")
+                return
         try:
-            request = json.loads(await read_body(receive))
-            behavior = self.behavior.for_model(model)
+            request = json.loads(body)
+            behavior = self.behavior.for_model(model.partition(":")[0])
         except ValueError as exc:
             await _error(send, 400, "ValidationException", f"{ERROR_BODY_MARKER}: {exc}")
             return
 
         self.stats.record(scope, request)
         self.stats.last_model = model
+        if self.fail_next:
+            status = self.fail_next.pop(0)
+            kind = ERROR_TYPES.get(status, "InternalServerException")
+            await _error(send, status, kind, f"{ERROR_BODY_MARKER}: scripted {kind} for {model}")
+            return
         if behavior.error is not None:
             kind = ERROR_TYPES.get(behavior.error, "InternalServerException")
             await _error(send, behavior.error, kind, f"{ERROR_BODY_MARKER}: scripted {kind} for {model}")

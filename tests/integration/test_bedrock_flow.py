@@ -1,6 +1,6 @@
 """Bedrock and several OpenAI-compatible servers through the whole of local mode (SPEC §7.2).
 
-One local-mode process per module, configured with a Bedrock stand-in (the real boto3 client talks to it
+One local-mode process per module, configured with a Bedrock stand-in (the provider talks to it
 through MINICHAT_BEDROCK_ENDPOINT_URL) and two OpenAI-compatible stubs listed in MINICHAT_OPENAI_SERVERS;
 the tests create generations over HTTP and read their SSE streams as a client would.
 """
@@ -50,7 +50,8 @@ def world(
     database_url: str, broker_vhost: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     """The stand-in, two OpenAI-compatible stubs and a local-mode process serving them all."""
-    bedrock, alpha, beta = BedrockStub(), OpenAIStub(), OpenAIStub()
+    secrets = {AWS_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"]: AWS_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+    bedrock, alpha, beta = BedrockStub(secrets=secrets), OpenAIStub(), OpenAIStub()
     with (
         serve_stub(bedrock, path="") as bedrock_url,
         serve_stub(alpha) as alpha_url,
@@ -110,6 +111,8 @@ def test_bedrock_text_and_usage_are_exact(api: Api, bedrock: BedrockStub) -> Non
     assert sent["messages"] == [{"role": "user", "content": [{"text": "hello bedrock"}]}]
     assert sent["inferenceConfig"] == {"temperature": 1.0}  # Bedrock models take 0-1
     assert (bedrock.stats.last_authorization or "").startswith("AWS4-HMAC-SHA256 Credential=AKIDTESTBEDROCK/")
+    # The stand-in checked the SigV4 signature as AWS does.
+    assert bedrock.stats.signatures_checked >= 1 and bedrock.stats.signature_errors == []
     usage = [e for _, e in events if e["type"] == "usage"]
     assert usage == [
         {"type": "usage", "inputTokens": prompt_tokens(sent), "outputTokens": 12, "estimated": False}
@@ -136,7 +139,7 @@ def test_cancel_while_bedrock_is_silent_closes_the_upstream_within_250_ms(
     stream = EventStream(api.http, started["streamUrl"])
     try:
         assert stream.next()[1] == {"type": "delta", "delta": "w0"}
-        time.sleep(0.3)  # Bedrock is silent now; the worker thread sits in its socket read
+        time.sleep(0.3)  # Bedrock is silent now; the stream waits in its read
         assert bedrock.stats.active == 1 and bedrock.stats.disconnected == 0
         asked = time.monotonic()
         r = api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)

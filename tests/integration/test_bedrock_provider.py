@@ -1,8 +1,10 @@
-"""The Bedrock provider: the real boto3 client against the Bedrock stand-in (event-stream framing)."""
+"""The Bedrock provider against the Bedrock stand-in (event-stream framing; SigV4 checked as AWS does)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -18,16 +20,18 @@ from minichat_local.bedrock_stub import (
     BedrockStubStats,
     encode_message,
     prompt_tokens,
+    sigv4_error,
 )
 from minichat_local.openai_stub import ERROR_BODY_MARKER, serve_stub, stub_text
 
 MESSAGES = [ChatMessage("system", "be brief"), ChatMessage("user", "hello there, stand-in")]
+SECRETS = {"AKIDTESTBEDROCK": "test-secret-not-real"}
 T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
 def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy credentials: the stand-in records the signature, it does not check it."""
+    """Dummy credentials, which the stand-in knows: it checks every request's signature."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTESTBEDROCK")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-not-real")
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
@@ -38,16 +42,20 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def stand_in() -> Iterator[tuple[BedrockStub, str]]:
-    app = BedrockStub()
+    app = BedrockStub(secrets=SECRETS)
     with serve_stub(app, path="") as url:
         yield app, url
 
 
 @pytest.fixture
-def stub(stand_in: tuple[BedrockStub, str]) -> tuple[BedrockStub, str]:
+def stub(stand_in: tuple[BedrockStub, str]) -> Iterator[tuple[BedrockStub, str]]:
     app, _ = stand_in
     app.stats = BedrockStubStats()
-    return stand_in
+    app.fail_next = []
+    yield stand_in
+    # Every request of every test came signed, and the stand-in found the signature right.
+    assert app.stats.signature_errors == []
+    assert app.stats.signatures_checked == app.stats.requests
 
 
 def _run(url: str, body: Callable[[BedrockProvider], Awaitable[T]], **options: Any) -> T:
@@ -55,9 +63,9 @@ def _run(url: str, body: Callable[[BedrockProvider], Awaitable[T]], **options: A
         options.setdefault("first_token_timeout", 3)
         options.setdefault("idle_timeout", 2)
         provider = BedrockProvider(models=["m"], region="us-east-1", endpoint_url=url, **options)
-        # The client is built before the clock starts (the stream function builds it at cold start): on a
-        # loaded machine importing boto3 alone can take seconds, which these timeouts must not measure.
-        await asyncio.to_thread(provider.client)
+        # The transport is built before the clock starts (the stream function builds it at cold start): on
+        # a loaded machine importing botocore alone can take seconds, which these timeouts must not measure.
+        await asyncio.to_thread(provider.transport)
         try:
             return await body(provider)
         finally:
@@ -177,7 +185,118 @@ def test_bedrock_errors_become_safe_provider_errors(
 def test_throttling_is_retried_once_then_reported(stub: tuple[BedrockStub, str]) -> None:
     app, url = stub
     _run(url, lambda p: _until_error(p, _request("stub-error-429")))
-    assert app.stats.requests == 2  # botocore's one retry of the request, never of a stream under way
+    assert app.stats.requests == 2  # one retry of the request, never of a stream under way
+
+
+@pytest.mark.parametrize(("status", "tries"), [(503, 2), (500, 2), (400, 1), (403, 1), (408, 1)])
+def test_only_throttling_and_server_errors_are_retried(
+    stub: tuple[BedrockStub, str], status: int, tries: int
+) -> None:
+    app, url = stub
+    _run(url, lambda p: _until_error(p, _request(f"stub-error-{status}")))
+    assert app.stats.requests == tries
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_that_succeeds_delivers_the_whole_answer(stub: tuple[BedrockStub, str], status: int) -> None:
+    app, url = stub
+    app.fail_next = [status]
+    items = _run(url, lambda p: _collect(p, _request("stub-tokens-4")))
+    assert "".join(i.text for i in items if isinstance(i, Delta)) == stub_text(4)
+    assert items[-2:] == [Finish("stop"), Usage(prompt_tokens(app.stats.last_request), 4)]
+    assert app.stats.requests == 2 and app.fail_next == []
+
+
+def test_a_connection_closed_before_any_answer_is_retried_once() -> None:
+    """A server that accepts and closes (as a pooled connection the server just dropped looks)."""
+    accepted = 0
+
+    async def body(provider: BedrockProvider) -> tuple[list[StreamItem], Exception]:
+        async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            await reader.read(1)
+            writer.close()
+
+        server = await asyncio.start_server(close_at_once, sock=listener)
+        async with server:
+            return await _until_error(provider, _request("m"))
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    seen, error = _run(url, body)
+    assert seen == [] and type(error) is ProviderError and "Could not call Bedrock" in error.message
+    assert accepted == 2
+
+
+def test_a_wrong_secret_is_refused_as_bad_credentials_and_not_retried(
+    stub: tuple[BedrockStub, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-in's check can fail: a signature made with another secret is refused, as AWS would."""
+    app, url = stub
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    seen, error = _run(url, lambda p: _until_error(p, _request("stub-tokens-3")))
+    assert seen == [] and type(error) is ProviderError and "credentials" in error.message
+    assert app.stats.signature_errors == ["InvalidSignatureException"] and app.stats.requests == 1
+    _assert_safe(error)
+    app.stats.signature_errors.clear()
+
+
+def test_the_request_is_the_one_boto3_sends_and_both_signatures_check(stub: tuple[BedrockStub, str]) -> None:
+    """boto3's own ConverseStream request for the same arguments: the same URL (a model id's `:` encoded
+    as boto3 encodes it) and JSON body as ours, and the stand-in's check accepts boto3's signature as it
+    accepts ours: the check is AWS's algorithm, not an echo of our signer."""
+    import boto3
+
+    app, url = stub
+    model = "stub-tokens-2:0"  # a version suffix, as in anthropic.claude-v2:1
+    sent: dict[str, Any] = {}
+
+    def capture(request: Any, **_: Any) -> None:
+        sent.update(url=request.url, body=request.body, headers=dict(request.headers))
+
+    provider = BedrockProvider(models=[model], region="us-east-1", endpoint_url=url)
+    client = boto3.session.Session().client("bedrock-runtime", region_name="us-east-1", endpoint_url=url)
+    client.meta.events.register("before-send.bedrock-runtime.ConverseStream", capture)
+    arguments = provider._converse_arguments(_request(model, temperature=0.5, max_tokens=9))
+    events = list(client.converse_stream(**arguments)["stream"])
+    client.close()
+    assert "".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e) == (
+        stub_text(2)
+    )
+    assert app.stats.signatures_checked == 1 and app.stats.last_model == model
+    ours, _ = provider.transport().url(model)
+    assert sent["url"] == ours == f"{url}/model/stub-tokens-2%3A0/converse-stream"
+    del arguments["modelId"]
+    assert json.loads(sent["body"]) == arguments
+    assert sent["headers"]["Authorization"].startswith(b"AWS4-HMAC-SHA256 Credential=AKIDTESTBEDROCK/")
+
+    items = _run(url, lambda p: _collect(p, _request(model, temperature=0.5, max_tokens=9)))
+    assert "".join(i.text for i in items if isinstance(i, Delta)) == stub_text(2)
+    assert app.stats.signatures_checked == 2 and app.stats.last_model == model
+
+
+def test_the_signature_check_refuses_a_tampered_request() -> None:
+    """The same signed request, a byte of its body or its path changed: refused."""
+    provider = BedrockProvider(models=["m"], region="us-east-1", endpoint_url="http://127.0.0.1:1")
+    transport = provider.transport()
+    url, _ = transport.url("m:1")
+    body = b'{"messages":[]}'
+    headers = transport.sign(url, body, asyncio.run(transport.credentials()))
+    scope = {
+        "method": "POST",
+        "path": "/model/m:1/converse-stream",
+        "raw_path": b"/model/m%3A1/converse-stream",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:1")]
+        + [(name.lower().encode(), value.encode()) for name, value in headers.items()],
+    }
+    assert sigv4_error(scope, body, SECRETS) is None
+    assert sigv4_error(scope, body.replace(b"[]", b"[1]"), SECRETS) == "InvalidSignatureException"
+    assert sigv4_error({**scope, "raw_path": b"/model/m:1/converse-stream"}, body, SECRETS) == (
+        "InvalidSignatureException"
+    )
+    assert sigv4_error(scope, body, {"AKIDOTHER": "x"}) == "UnrecognizedClientException"
 
 
 def test_an_in_stream_exception_after_some_text(stub: tuple[BedrockStub, str]) -> None:
@@ -236,7 +355,7 @@ def test_closing_the_stream_while_bedrock_is_silent_closes_the_connection(
         task = asyncio.create_task(consume())
         while app.stats.active < 1:
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.3)  # the worker is blocked in its read: Bedrock sends nothing
+        await asyncio.sleep(0.3)  # the stream waits in its read: Bedrock sends nothing
         began = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -255,8 +374,8 @@ def test_closing_the_stream_while_bedrock_is_silent_closes_the_connection(
     assert app.stats.disconnected == 1
 
 
-def test_the_event_loop_never_waits_on_boto3(stub: tuple[BedrockStub, str]) -> None:
-    """Eight streams stalled in their socket reads, the loop keeps ticking every few milliseconds."""
+def test_the_event_loop_never_waits_on_bedrock(stub: tuple[BedrockStub, str]) -> None:
+    """Eight streams stalled in their reads, the loop keeps ticking every few milliseconds."""
     _, url = stub
 
     async def body(provider: BedrockProvider) -> float:
@@ -281,19 +400,16 @@ def test_the_event_loop_never_waits_on_boto3(stub: tuple[BedrockStub, str]) -> N
     assert worst < 0.25  # a read on the loop would stall it for the whole silence (seconds)
 
 
-def test_one_client_reuses_its_connections(stub: tuple[BedrockStub, str]) -> None:
+def test_one_pool_reuses_its_connections(stub: tuple[BedrockStub, str]) -> None:
     app, url = stub
 
     async def body(provider: BedrockProvider) -> Any:
         for _ in range(3):
             await _collect(provider, _request("stub-tokens-3"))
-            # The answer is whole at `metadata`; the worker then reads the body's last bytes and gives the
-            # connection back: a stream started at once may find it still out and open another.
-            await asyncio.sleep(0.1)
-        return provider.client()
+        assert provider._http is not None and provider._http.connector is not None
+        return provider._http.connector.limit
 
-    client = _run(url, body)
+    limit = _run(url, body, max_streams=7)
     assert app.stats.completed == 3
     assert len(app.stats.clients) == 1  # one keep-alive connection carried the three streams
-    assert client.meta.config.max_pool_connections == 128
-    assert client.meta.config.read_timeout == 3 + 5
+    assert limit == 7  # MINICHAT_BEDROCK_MAX_STREAMS bounds the pool

@@ -240,8 +240,8 @@ def test_boto3_stays_off_the_path_that_only_lists_models() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_the_stream_function_builds_the_bedrock_client_in_the_background() -> None:
-    """preload (the stream function's cold start) must not wait for boto3 (about a quarter second)."""
+def test_the_stream_function_builds_the_bedrock_transport_in_the_background() -> None:
+    """preload (the stream function's cold start) must not wait for botocore (about a quarter second)."""
     code = (
         "import sys, time\n"
         "from minichat.config import Settings\n"
@@ -253,9 +253,10 @@ def test_the_stream_function_builds_the_bedrock_client_in_the_background() -> No
         "r = ProviderRegistry.from_settings(s, preload=True)\n"
         "took = time.perf_counter() - began\n"
         "provider = r.resolve(m)\n"
-        "client = provider._warming.result(timeout=60)\n"
-        "assert client.meta.region_name == 'us-east-1'\n"
-        "assert client.meta.service_model.service_name == 'bedrock-runtime'\n"
+        "transport = provider._warming.result(timeout=60)\n"
+        "assert transport.region == 'us-east-1'\n"
+        "assert transport.endpoint == 'https://bedrock-runtime.us-east-1.amazonaws.com'  # botocore's\n"
+        "assert {'botocore', 'aiohttp'} <= set(sys.modules)\n"
         "print(f'{took * 1000:.1f}')\n"
     )
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "PATH": "/usr/bin:/bin"}

@@ -1,33 +1,41 @@
-"""Amazon Bedrock through boto3's `bedrock-runtime` ConverseStream, with the function's IAM credentials.
+"""Amazon Bedrock's ConverseStream, called from the event loop, with the function's IAM credentials.
 
-boto3 is synchronous. Each stream is read in a worker thread of this provider's own pool (as many threads
-as the client has connections, MINICHAT_BEDROCK_MAX_STREAMS), which hands the items over to the event
-loop; the loop never waits on boto3. Closing the async generator (a cancel) shuts the stream's socket down
-from the loop thread: the blocked read in the worker returns at once and the connection is closed, also
-while Bedrock sends nothing. boto3 itself (about 0.15 s to import, 0.1 s more to build the client) loads
-on the first stream, or in the background with `preload()`; the module is light.
+No thread per stream and no boto3 call: the request is built here as boto3 would build it (REST-JSON,
+`POST {endpoint}/model/{modelId}/converse-stream`, the Converse arguments as the JSON body), signed with
+botocore's SigV4Auth (signing name `bedrock`) and sent with aiohttp, the OpenAI path's HTTP client; the
+event loop reads the body and decodes its event-stream framing here (CRCs checked). Per relayed token
+that is about a third of the CPU of a worker thread blocked on boto3's socket, and a stream's set-up a
+quarter of botocore's per-call machinery (bench/bench_bedrock.py). botocore still finds the credentials
+(its usual chain; frozen per request, refreshed as botocore refreshes them) and the endpoint; it and
+aiohttp load in a background thread with `preload()` (the stream function's cold start) or on the first
+stream: this module itself is light, and a function that only lists models never imports botocore.
+
+As botocore's standard retry mode with two attempts did, the request is sent once more (after a jittered
+pause) when it fails before any event: throttling, a 5xx, a connection error. A stream under way is never
+retried. Closing the async generator (a cancel) closes the connection at once, also while Bedrock sends
+nothing; a stream read to its end gives its connection back to the pool (MINICHAT_BEDROCK_MAX_STREAMS
+connections at most: more streams wait for one, within their first-token deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
-import collections
-import contextlib
 import json
-import socket
+import random
 import struct
 import threading
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from minichat.errors import MiniChatError, ProviderError, ProviderTimeout
 from minichat.log import get_logger
 from minichat.providers.base import ChatMessage, Delta, Finish, ProviderRequest, StreamItem, Usage
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
+    import aiohttp
 
 __all__ = ["BedrockProvider", "EventStreamDecoder", "converse_messages"]
 
@@ -55,15 +63,13 @@ _ERROR_MESSAGES = {
     "ExpiredTokenException": "Bedrock refused the function's AWS credentials.",
     "InvalidSignatureException": "Bedrock refused the function's AWS credentials.",
 }
-# Transport failures, by exception class name (botocore's and urllib3's share some names).
+# Failures before or outside an answer, by exception class name (aiohttp's, botocore's, ours).
 _TRANSPORT_MESSAGES = {
     "NoCredentialsError": "No AWS credentials were found for Bedrock.",
     "NoRegionError": "No AWS region is configured for Bedrock.",
-    "EndpointConnectionError": "Could not reach Bedrock.",
-    "ConnectTimeoutError": "Could not reach Bedrock.",
-    "NewConnectionError": "Could not reach Bedrock.",
+    "ClientConnectorError": "Could not reach Bedrock.",
+    "ConnectionTimeoutError": "Could not reach Bedrock.",
 }
-_READ_TIMEOUTS = ("ReadTimeoutError", "ReadTimeout", "TimeoutError")
 # Bedrock's stop reasons that mean the answer is whole, and the one that means it was cut at maxTokens.
 _STOPPED = frozenset({"end_turn", "stop_sequence"})
 _LENGTH = "max_tokens"
@@ -71,11 +77,112 @@ _LENGTH = "max_tokens"
 _MAX_TEMPERATURE = 1.0
 
 
-class _End:
-    """The worker read the whole stream."""
+# Failures of the request before any event that are worth one more try (botocore's standard retry mode):
+# throttling (a pause of up to a second first), and transient errors (up to 50 ms).
+_THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+    }
+)
+_THROTTLING_STATUSES = frozenset({429})
+_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"})
+_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+_THROTTLING_PAUSE = 1.0
+_TRANSIENT_PAUSE = 0.05
+_SIGNING_NAME = "bedrock"  # bedrock-runtime signs as `bedrock`
+_MAX_ERROR_BODY = 64 * 1024
+# How long the body may take to end after `metadata` before the connection is dropped instead of reused.
+_DRAIN_SECONDS = 1.0
+# Idle pooled connections are kept this long (AWS endpoints keep them about a minute).
+_KEEPALIVE_SECONDS = 30.0
 
 
-_END = _End()
+class NoCredentialsError(Exception):
+    """botocore's credential chain found nothing."""
+
+
+class _HttpError(Exception):
+    """Bedrock answered the request with an error: its code (never its text) and HTTP status."""
+
+    def __init__(self, code: str, status: int) -> None:
+        super().__init__(code)
+        self.code = code
+        self.status = status
+
+    @property
+    def pause(self) -> float | None:
+        """How long to wait before the retry, None if this error is not retried."""
+        if self.code in _THROTTLING_CODES or self.status in _THROTTLING_STATUSES:
+            return random.random() * _THROTTLING_PAUSE
+        if self.code in _TRANSIENT_CODES or self.status in _TRANSIENT_STATUSES:
+            return random.random() * _TRANSIENT_PAUSE
+        return None
+
+
+class _Transport:
+    """What botocore gives a stream, resolved once per process in a thread (it reads files and the
+    environment, and may call a credentials endpoint): the endpoint, the credentials, the signer."""
+
+    def __init__(self, region: str, endpoint_url: str | None) -> None:
+        import aiohttp  # noqa: F401  (loaded here, off the event loop and the cold start)
+        import botocore.session
+        import yarl
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        session = botocore.session.Session()
+        if endpoint_url is None:
+            # botocore's own resolution (partition, FIPS and dual-stack settings, AWS_ENDPOINT_URL_*): a
+            # client built once for its endpoint, never called.
+            client = session.create_client("bedrock-runtime", region_name=region)
+            endpoint_url = str(client.meta.endpoint_url)
+            client.close()
+        self.endpoint = endpoint_url.rstrip("/")
+        self.region = region
+        self._session = session
+        self._credentials: Any = session.get_credentials()
+        self._sigv4 = SigV4Auth
+        self._aws_request = AWSRequest
+        self._url = yarl.URL
+
+    def url(self, model: str) -> tuple[str, Any]:
+        """The operation's URL as signed (the model id percent-encoded, `:` included) and as sent."""
+        url = f"{self.endpoint}/model/{quote(model, safe='')}/converse-stream"
+        return url, self._url(url, encoded=True)  # encoded: yarl would otherwise turn %3A back into ':'
+
+    async def credentials(self) -> Any:
+        """Frozen credentials for one request. Refreshable ones (a role's) are refreshed as botocore does,
+        in a thread when due (a call to the credentials endpoint); nothing found is asked again."""
+        credentials = self._credentials
+        if credentials is None:
+            credentials = self._credentials = await asyncio.to_thread(self._session.get_credentials)
+            if credentials is None:
+                raise NoCredentialsError()
+        refresh_needed = getattr(credentials, "refresh_needed", None)
+        if refresh_needed is not None and refresh_needed():
+            return await asyncio.to_thread(credentials.get_frozen_credentials)
+        return credentials.get_frozen_credentials()
+
+    def sign(self, url: str, body: bytes, credentials: Any) -> dict[str, str]:
+        """The request's headers, SigV4-signed as boto3 signs ConverseStream."""
+        request = self._aws_request(
+            method="POST", url=url, data=body, headers={"Content-Type": "application/json"}
+        )
+        self._sigv4(credentials, _SIGNING_NAME, self.region).add_auth(request)
+        return dict(request.headers.items())
 
 
 class BedrockProvider:
@@ -104,65 +211,68 @@ class BedrockProvider:
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._max_output_tokens = dict(max_output_tokens or {})
-        self._client: Any = None
-        self._client_lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._warming: Future[Any] | None = None
+        self._lock = threading.Lock()
+        self._warming: Future[_Transport] | None = None
+        self._transport: _Transport | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._http_loop: asyncio.AbstractEventLoop | None = None
 
     def models(self) -> list[str]:
         """The model ids configured for Bedrock."""
         return list(self._models)
 
     def preload(self) -> None:
-        """Import boto3 and build the client in a worker thread, off the cold start's critical path."""
-        if self._client is None and self._warming is None:
-            self._warming = self._pool().submit(self.client)
+        """Load botocore and aiohttp and resolve the endpoint and credentials in a background thread, off
+        the cold start's critical path."""
+        self._warm()
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            # One thread per stream being read: each blocks on its socket between events.
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._max_streams, thread_name_prefix="minichat-bedrock"
+    def _warm(self) -> Future[_Transport]:
+        with self._lock:
+            if self._warming is None:
+                future: Future[_Transport] = Future()
+
+                def build() -> None:
+                    try:
+                        future.set_result(_Transport(self._region, self._endpoint_url))
+                    except BaseException as exc:  # handed to every stream that waits for it
+                        future.set_exception(exc)
+
+                threading.Thread(target=build, name="minichat-bedrock-preload", daemon=True).start()
+                self._warming = future
+            return self._warming
+
+    def transport(self) -> _Transport:
+        """The process's transport, built on first use (blocks: for threads and tests)."""
+        return self._warm().result()
+
+    async def _ready(self) -> tuple[_Transport, aiohttp.ClientSession]:
+        transport = self._transport
+        if transport is None:
+            transport = self._transport = await asyncio.wrap_future(self._warm())
+        # An aiohttp session belongs to the loop that made it: one per loop (a process has one; tests run
+        # several in turn).
+        loop = asyncio.get_running_loop()
+        http = self._http
+        if http is None or self._http_loop is not loop:
+            import aiohttp
+
+            http = self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_streams, limit_per_host=0, keepalive_timeout=_KEEPALIVE_SECONDS
+                ),
+                # No read timeout in the transport: the first-token and idle deadlines in stream() cover
+                # every wait, and a transport read timer would be re-armed on every network read.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+                auto_decompress=False,
             )
-        return self._executor
-
-    def client(self) -> Any:
-        """The process's boto3 `bedrock-runtime` client, built on first use (thread-safe)."""
-        with self._client_lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                self._client = boto3.session.Session().client(
-                    "bedrock-runtime",
-                    region_name=self._region,
-                    endpoint_url=self._endpoint_url,
-                    config=Config(
-                        connect_timeout=self._connect_timeout,
-                        # A backstop only: our own first-token and idle deadlines end a silent stream
-                        # first; this frees the worker if a socket read were ever left hanging.
-                        read_timeout=max(self._first_token_timeout, self._idle_timeout) + 5,
-                        max_pool_connections=self._max_streams,
-                        tcp_keepalive=True,
-                        # botocore retries only the request, before any event arrived (never a stream
-                        # half-delivered); one retry absorbs a blip without making a user wait long.
-                        retries={"mode": "standard", "total_max_attempts": 2},
-                        # The arguments are built here, never taken from a client; Bedrock checks them
-                        # anyway (ValidationException). Skipping botocore's walk of the input shape saves
-                        # a fifth of each call's CPU (about 0.35 ms), in a thread that shares the GIL.
-                        parameter_validation=False,
-                    ),
-                )
-            return self._client
+            self._http_loop = loop
+        return transport, http
 
     async def aclose(self) -> None:
-        """Stop the worker threads (a running read ends with its stream) and close the client's pool."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        """Close the connection pool (on the loop that made it)."""
+        http, self._http = self._http, None
+        if http is not None and self._http_loop is asyncio.get_running_loop():
+            await http.close()
 
     def _converse_arguments(self, request: ProviderRequest) -> dict[str, Any]:
         system, messages = converse_messages(request.messages)
@@ -183,81 +293,133 @@ class BedrockProvider:
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
         """Deltas as the model writes them, a Finish from messageStop, then the metadata's exact Usage."""
         loop = asyncio.get_running_loop()
-        channel = _Channel(loop)
-        call = _Call()
         arguments = self._converse_arguments(request)
-        self._pool().submit(self._read, arguments, channel, call)
-        # Until the first token the first-token deadline holds; after it, each wait gets the idle timeout.
-        # Deadlines cover only our own waits, never the consumer's time between two items.
+        del arguments["modelId"]  # it travels in the path
+        body = json.dumps(arguments, separators=(",", ":")).encode()
+        # Until the first token the first-token deadline holds (the request, its retry and the wait for a
+        # pooled connection included); after it, each wait gets the idle timeout. Deadlines cover only
+        # our own waits, never the consumer's time between two items.
         deadline = loop.time() + self._first_token_timeout
-        started = False
+        started = ended = whole = False
+        response: aiohttp.ClientResponse | None = None
         try:
+            timer = asyncio.timeout_at(deadline)
+            try:
+                async with timer:
+                    response = await self._open(request.model, body)
+            except TimeoutError:
+                if timer.expired():
+                    raise ProviderTimeout(self._silence(started)) from None
+                raise
+            content = response.content
+            decoder = EventStreamDecoder()
+            loads = json.loads
             while True:
+                timer = asyncio.timeout_at(deadline)
                 try:
-                    item = await channel.get(deadline)
+                    async with timer:
+                        block = await content.readany()
                 except TimeoutError:
-                    if started:
-                        message = f"the model sent nothing for {self._idle_timeout:g} s"
-                    else:
-                        message = f"the model sent no token within {self._first_token_timeout:g} s"
-                    raise ProviderTimeout(message) from None
-                if item is _END:
-                    return
-                if isinstance(item, MiniChatError):
-                    raise item from None
-                yield item
-                if type(item) is Delta:
-                    started = True
-                if started:
+                    if not timer.expired():
+                        raise
+                    if ended:
+                        break  # the answer is whole; the connection is dropped, not reused
+                    raise ProviderTimeout(self._silence(started)) from None
+                if not block:
+                    if decoder.pending:
+                        raise _CorruptStream("the body ended inside a message")
+                    whole = True
+                    break
+                for headers, payload in decoder.feed(block):
+                    if headers.get(":message-type") != "event":
+                        raise _StreamException(
+                            str(headers.get(":exception-type") or headers.get(":error-code") or "")
+                        )
+                    event_type = headers.get(":event-type")
+                    if event_type == "contentBlockDelta":
+                        text = loads(payload)["delta"].get("text")
+                        if text:
+                            started = True
+                            yield Delta(text)
+                    elif event_type == "messageStop":
+                        reason = loads(payload).get("stopReason")
+                        if reason == _LENGTH:
+                            yield Finish("length")
+                        elif reason in _STOPPED:
+                            yield Finish("stop")
+                    elif event_type == "metadata" and not ended:
+                        usage = loads(payload).get("usage") or {}
+                        ended = True
+                        yield Usage(int(usage["inputTokens"]), int(usage["outputTokens"]))
+                if ended:
+                    # The last event: the answer is whole. The body's end is still read (normally there
+                    # already), so the connection can go back to the pool.
+                    deadline = loop.time() + _DRAIN_SECONDS
+                elif started:
                     deadline = loop.time() + self._idle_timeout
-        finally:
-            call.abort()  # a no-op once the worker is done; else the socket is shut down now
-
-    def _read(self, arguments: dict[str, Any], channel: _Channel, call: _Call) -> None:
-        """The worker: call ConverseStream and hand each item to the loop, until the end or an abort."""
-        event_stream: Any = None
-        clean = False
-        try:
-            client = self.client()
-            if call.aborted:
-                return
-            event_stream = client.converse_stream(**arguments)["stream"]
-            if not call.attach(event_stream):
-                return
-            put = channel.put
-            ended = False
-            for event_type, body in _events(event_stream):
-                if event_type == "contentBlockDelta":
-                    text = body["delta"].get("text")
-                    if text:
-                        put(Delta(text))
-                elif event_type == "messageStop":
-                    reason = body.get("stopReason")
-                    if reason == _LENGTH:
-                        put(Finish("length"))
-                    elif reason in _STOPPED:
-                        put(Finish("stop"))
-                elif event_type == "metadata":
-                    usage = body.get("usage") or {}
-                    # The last event: the answer is whole. The body's end is still read (the connection
-                    # then goes back to the pool, where an abort must no longer touch it).
-                    call.finish()
-                    put(Usage(int(usage["inputTokens"]), int(usage["outputTokens"])))
-                    put(_END)
-                    ended = True
-            call.finish()
-            clean = True
-            if not ended:
-                put(_END)
+        except MiniChatError:
+            raise
         except Exception as exc:
-            if call.aborted:
-                return  # the consumer left; what the read raised after the shutdown means nothing
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody left to tell
-                channel.put(_as_provider_error(exc, connected=event_stream is not None))
+            raise _as_provider_error(exc, connected=response is not None) from None
         finally:
-            call.finish()
-            if event_stream is not None and not clean:
-                event_stream.close()  # cut mid-body: the connection is dropped, not reused
+            if response is not None:
+                if whole:
+                    response.release()  # read to its end: the connection serves the next stream
+                else:
+                    response.close()  # cut mid-body (a cancel, an error): the connection is closed now
+
+    def _silence(self, started: bool) -> str:
+        if started:
+            return f"the model sent nothing for {self._idle_timeout:g} s"
+        return f"the model sent no token within {self._first_token_timeout:g} s"
+
+    async def _open(self, model: str, body: bytes) -> aiohttp.ClientResponse:
+        """The signed request, sent once more after a failure before any event; the 200 response."""
+        import aiohttp
+
+        transport, http = await self._ready()
+        url, target = transport.url(model)
+        for attempt in (1, 2):
+            headers = transport.sign(url, body, await transport.credentials())
+            try:
+                response = await http.post(target, data=body, headers=headers)
+            except aiohttp.ClientConnectionError as exc:
+                # Refused, reset, a keep-alive connection the server had just closed: nothing was read.
+                if attempt == 2:
+                    raise
+                log.info("bedrock request retried", error=type(exc).__name__)
+                pause = random.random() * _TRANSIENT_PAUSE
+            else:
+                if response.status == 200:
+                    return response
+                error = await _http_error(response)
+                pause_or_none = error.pause
+                if attempt == 2 or pause_or_none is None:
+                    raise error
+                log.info("bedrock request retried", code=error.code[:80], status=error.status)
+                pause = pause_or_none
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+
+async def _http_error(response: aiohttp.ClientResponse) -> _HttpError:
+    """The error code of a non-200 answer, as botocore's REST-JSON parser finds it: the
+    `x-amzn-ErrorType` header, else the JSON body's `__type` (or `code`). Its message is not kept."""
+    try:
+        raw = await response.content.read(_MAX_ERROR_BODY)
+    except Exception:  # a body cut short: the status and the header still tell
+        raw = b""
+    finally:
+        response.close()
+    code = response.headers.get("x-amzn-ErrorType", "").split(":")[0].strip()
+    if not code and raw:
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            document = None
+        if isinstance(document, dict):
+            code = str(document.get("__type") or document.get("code") or "").rsplit("#", 1)[-1]
+    return _HttpError(code, response.status)
 
 
 def converse_messages(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -279,18 +441,14 @@ def converse_messages(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, A
 
 
 def _as_provider_error(exc: Exception, *, connected: bool) -> MiniChatError:
-    """A safe error for what the worker caught: the AWS error code picks the message, never its text."""
-    response = getattr(exc, "response", None)
+    """A safe error for what the stream caught: the AWS error code picks the message, never its text."""
     if isinstance(exc, _StreamException):
         code, status = exc.code, None
-    elif isinstance(response, dict) and "Error" in response:
-        code = str(response["Error"].get("Code") or "")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    elif isinstance(exc, _HttpError):
+        code, status = exc.code, exc.status
     else:
         names = [cls.__name__ for cls in type(exc).__mro__]
         log.warning("bedrock transport error", error=names[0], connected=connected)
-        if any(name in _READ_TIMEOUTS for name in names):
-            return ProviderTimeout("Bedrock stopped answering (read timed out).")
         for name in names:
             if name in _TRANSPORT_MESSAGES:
                 return ProviderError(_TRANSPORT_MESSAGES[name])
@@ -325,37 +483,6 @@ class _StreamException(Exception):
 
 class _CorruptStream(Exception):
     """Bytes that are not an event stream (a length out of bounds, a CRC mismatch)."""
-
-
-def _events(event_stream: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event type, payload) of each event of a ConverseStream body.
-
-    botocore's EventStream parses each event against the service model (about 35 µs of CPU an event) and
-    reads it through urllib3's chunked reader (about as much again, and a socket read or two more per
-    event), in a thread that shares the GIL with the event loop. Here the body is read from the
-    http.client response under botocore's urllib3 one (read1: what has arrived, chunked framing undone),
-    the event-stream framing is checked (both CRCs) and the JSON payload loaded as it is: a third of the
-    CPU and of the context switches per event. Without those attributes (another botocore or urllib3),
-    botocore's own parsing serves.
-    """
-    raw: Any = getattr(event_stream, "_raw_stream", None)
-    read1 = getattr(getattr(raw, "_fp", None), "read1", None)
-    if read1 is None or not hasattr(raw, "release_conn"):
-        for event in event_stream:
-            yield from event.items()
-        return
-    decoder = EventStreamDecoder()
-    loads = json.loads
-    while block := read1(65536):
-        for headers, payload in decoder.feed(block):
-            if headers.get(":message-type") != "event":
-                raise _StreamException(
-                    str(headers.get(":exception-type") or headers.get(":error-code") or "")
-                )
-            yield str(headers.get(":event-type")), loads(payload)
-    if decoder.pending:
-        raise _CorruptStream("the body ended inside a message")
-    raw.release_conn()  # read to its end: the connection goes back to the pool for the next stream
 
 
 class EventStreamDecoder:
@@ -415,89 +542,3 @@ def _headers(data: bytes, position: int, end: int) -> dict[str, Any]:
     if position != end:
         raise _CorruptStream("headers overrun their length")
     return headers
-
-
-class _Call:
-    """One stream's shared state between the loop (abort) and its worker (attach, finish)."""
-
-    __slots__ = ("_lock", "_stream", "aborted", "finished")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stream: Any = None
-        self.aborted = False
-        self.finished = False
-
-    def attach(self, event_stream: Any) -> bool:
-        """The worker has the response; False if the consumer already left (the worker closes it)."""
-        with self._lock:
-            self._stream = event_stream
-            return not self.aborted
-
-    def finish(self) -> None:
-        """The body is read to its end: its connection goes back to the pool and is not ours to cut."""
-        with self._lock:
-            self.finished = True
-
-    def abort(self) -> None:
-        """From the loop: the consumer left. Shut the socket down so the worker's blocked read returns
-        and the server sees the connection close now; the worker closes the response."""
-        with self._lock:
-            if self.aborted:
-                return
-            self.aborted = True
-            if self._stream is None or self.finished:
-                return
-            # botocore's EventStream wraps urllib3's response, which holds the connection. Closing the
-            # response here would wait for the worker's read (the buffered reader's lock); shutdown()
-            # does not, and interrupts that read.
-            raw = getattr(self._stream, "_raw_stream", None)
-            sock = getattr(getattr(raw, "_connection", None), "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):  # already closed by the peer
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Channel:
-    """Items from a worker thread to the loop. The worker wakes the loop only when it waits: a burst
-    of events costs one wake-up, not one each."""
-
-    __slots__ = ("_items", "_lock", "_loop", "_waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._items: collections.deque[object] = collections.deque()
-        self._lock = threading.Lock()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put(self, item: object) -> None:
-        """From the worker thread."""
-        with self._lock:
-            self._items.append(item)
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            self._loop.call_soon_threadsafe(_wake, waiter)
-
-    async def get(self, deadline: float) -> object:
-        """The next item; TimeoutError if none came by `deadline` (loop time)."""
-        with self._lock:
-            if self._items:
-                return self._items.popleft()
-            waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_at(deadline, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-        return self._items.popleft()
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
