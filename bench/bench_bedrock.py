@@ -4,8 +4,9 @@
     python bench/bench_bedrock.py --pairs 5
 
 What it does, in one run:
-- starts the Bedrock stand-in (`python -m minichat_local.bedrock_stub`: AWS event-stream framing, the
-  real boto3 client on both sides), the OpenAI-compatible stub, and local mode configured with both
+- starts the Bedrock stand-in (`python -m minichat_local.bedrock_stub`: AWS event-stream framing; the
+  real boto3 client reads it directly, MiniChat's provider signs and sends its own requests), the
+  OpenAI-compatible stub, and local mode configured with both
   (MINICHAT_BEDROCK_ENDPOINT_URL, dummy AWS credentials), each in its own session, on their own database
   (`minichat_bench_bedrock`, recreated, dropped at the end), Redis db (MINICHAT_BENCH_REDIS_DB, 11) and
   RabbitMQ vhost;
@@ -45,7 +46,6 @@ from bench_stream import Burst, Client, Cpu, CpuMeter, StreamResult, User, burst
 
 import benchlib
 from benchlib import BenchError, free_port
-from minichat.providers.bedrock import BedrockProvider
 from minichat_local.openai_stub import stub_text
 
 PG_ADMIN_URL = bench_stream.PG_ADMIN_URL
@@ -75,14 +75,29 @@ TARGET_WHOLE_RATIO = 1.25
 
 
 class DirectBedrock:
-    """The baseline: boto3 `converse_stream` straight to the stand-in, one thread per stream."""
+    """The baseline: boto3 `converse_stream` straight to the stand-in, one thread per stream (what AWS's
+    SDK gives a Python program)."""
 
     def __init__(self, endpoint_url: str, streams: int) -> None:
         os.environ.update(CREDENTIALS)
-        # The very client MiniChat's provider builds (pool, timeouts, retries): only the reading differs.
-        self.client = BedrockProvider(
-            models=[BEDROCK_STREAM_MODEL], region=REGION, endpoint_url=endpoint_url, max_streams=streams
-        ).client()
+        import boto3
+        from botocore.config import Config
+
+        # The client MiniChat's provider used to build (pool, timeouts, retries) before it signed and sent
+        # the requests itself from the event loop.
+        self.client = boto3.session.Session().client(
+            "bedrock-runtime",
+            region_name=REGION,
+            endpoint_url=endpoint_url,
+            config=Config(
+                connect_timeout=10,
+                read_timeout=65,
+                max_pool_connections=streams,
+                tcp_keepalive=True,
+                retries={"mode": "standard", "total_max_attempts": 2},
+                parameter_validation=False,
+            ),
+        )
         self.executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="direct-bedrock")
 
     def read(self, model: str) -> StreamResult:
