@@ -413,3 +413,41 @@ def test_one_pool_reuses_its_connections(stub: tuple[BedrockStub, str]) -> None:
     assert app.stats.completed == 3
     assert len(app.stats.clients) == 1  # one keep-alive connection carried the three streams
     assert limit == 7  # MINICHAT_BEDROCK_MAX_STREAMS bounds the pool
+
+
+def test_expiring_credentials_are_refreshed_off_the_loop(stub: tuple[BedrockStub, str]) -> None:
+    """A role's credentials (refreshable) about to expire: botocore's refresh runs in a thread (it calls
+    the credentials endpoint), and the request is signed with the new ones."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from botocore.credentials import RefreshableCredentials
+
+    app, url = stub
+    refreshed_in: list[str] = []
+
+    def metadata(key: str, minutes: int) -> dict[str, str]:
+        expiry = datetime.now(UTC) + timedelta(minutes=minutes)
+        return {
+            "access_key": key,
+            "secret_key": SECRETS.get(key, "x"),
+            "token": "t",
+            "expiry_time": expiry.isoformat(),
+        }
+
+    def refresh() -> dict[str, str]:
+        refreshed_in.append(threading.current_thread().name)
+        return metadata("AKIDTESTBEDROCK", 60)
+
+    async def body(provider: BedrockProvider) -> list[StreamItem]:
+        transport = provider.transport()
+        # Expiring in 5 minutes: within botocore's mandatory refresh window (10 minutes).
+        transport._credentials = RefreshableCredentials.create_from_metadata(
+            metadata("AKIDEXPIRING", 5), refresh_using=refresh, method="test"
+        )
+        return await _collect(provider, _request("stub-tokens-2"))
+
+    items = _run(url, body)
+    assert "".join(i.text for i in items if isinstance(i, Delta)) == stub_text(2)
+    assert len(refreshed_in) == 1 and refreshed_in[0] != threading.main_thread().name
+    assert (app.stats.last_authorization or "").startswith("AWS4-HMAC-SHA256 Credential=AKIDTESTBEDROCK/")

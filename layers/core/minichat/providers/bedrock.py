@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import json
 import random
 import struct
@@ -263,7 +264,6 @@ class BedrockProvider:
                 # No read timeout in the transport: the first-token and idle deadlines in stream() cover
                 # every wait, and a transport read timer would be re-armed on every network read.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-                auto_decompress=False,
             )
             self._http_loop = loop
         return transport, http
@@ -405,11 +405,13 @@ class BedrockProvider:
 async def _http_error(response: aiohttp.ClientResponse) -> _HttpError:
     """The error code of a non-200 answer, as botocore's REST-JSON parser finds it: the
     `x-amzn-ErrorType` header, else the JSON body's `__type` (or `code`). Its message is not kept."""
-    try:
-        raw = await response.content.read(_MAX_ERROR_BODY)
-    except Exception:  # a body cut short: the status and the header still tell
-        raw = b""
-    finally:
+    raw = b""
+    with contextlib.suppress(Exception):  # a body cut short: the status and the header still tell
+        while len(raw) < _MAX_ERROR_BODY and (block := await response.content.read(_MAX_ERROR_BODY)):
+            raw += block
+    if response.content.at_eof():
+        response.release()  # read to its end: the connection serves the retry or the next stream
+    else:
         response.close()
     code = response.headers.get("x-amzn-ErrorType", "").split(":")[0].strip()
     if not code and raw:
