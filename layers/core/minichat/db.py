@@ -106,14 +106,21 @@ def transaction() -> Iterator[Conn]:
 
     A database that cannot be reached becomes ServiceUnavailable (503), never a 500.
     """
+    with _committing(), get_pool().connection() as conn:
+        try:
+            yield conn
+        finally:
+            _last_used[id(conn)] = time.monotonic()
+
+
+@contextmanager
+def _committing() -> Iterator[None]:
+    """What wraps a transaction: its after_commit() callbacks, run once it has committed, and its failures
+    mapped (a database that cannot be reached: ServiceUnavailable; a row of a deleted user: InvalidToken)."""
     callbacks: list[Callable[[], None]] = []
     token = _on_commit.set(callbacks)
     try:
-        with get_pool().connection() as conn:
-            try:
-                yield conn
-            finally:
-                _last_used[id(conn)] = time.monotonic()
+        yield
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
     except pg_errors.ForeignKeyViolation as exc:
@@ -153,30 +160,17 @@ def batch() -> Iterator[Conn]:
     ROLLBACK (one more round trip, on that path only), as it is when the block itself raises before its
     COMMIT was queued. after_commit() callbacks and error mapping as in transaction().
     """
-    callbacks: list[Callable[[], None]] = []
-    token = _on_commit.set(callbacks)
-    try:
-        with get_pool().connection() as conn:
-            conn.autocommit = True  # BEGIN and COMMIT are ours: psycopg would sync the pipeline after each
-            try:
-                with conn.pipeline():
-                    conn.execute("BEGIN")
-                    yield conn
-                    conn.execute("COMMIT")
-            finally:
-                if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                    # psycopg's own rollback: statements it took for prepared in the aborted pipeline
-                    # may never have been (a statement before them failed); it forgets them all.
-                    conn.rollback()
-                conn.autocommit = False
-                _last_used[id(conn)] = time.monotonic()
-    except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
-    except pg_errors.ForeignKeyViolation as exc:
-        if exc.diag.constraint_name in _USER_REFERENCES:
-            raise InvalidToken("This account no longer exists.") from exc
-        raise
-    finally:
-        _on_commit.reset(token)
-    for callback in callbacks:
-        callback()
+    with _committing(), get_pool().connection() as conn:
+        conn.autocommit = True  # BEGIN and COMMIT are ours: psycopg would sync the pipeline after each
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+        finally:
+            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                # psycopg's own rollback: statements it took for prepared in the aborted pipeline
+                # may never have been (a statement before them failed); it forgets them all.
+                conn.rollback()
+            conn.autocommit = False
+            _last_used[id(conn)] = time.monotonic()
