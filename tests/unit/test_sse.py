@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from minichat.sse import encode_comment, encode_event, parse_sse
+from minichat.sse import Decoder, encode_comment, encode_event, parse_sse
 
 
 def test_delta_event_exact_bytes() -> None:
@@ -93,3 +93,23 @@ def test_parse_follows_the_standard_on_edge_cases() -> None:
     )
     assert parse_sse(text) == [(None, ""), ("", "x")]
     assert parse_sse(text.encode()) == parse_sse(text)
+
+
+def test_the_decoder_gives_the_same_events_however_the_body_is_split() -> None:
+    text = (
+        "\ufeffid: 1\r\ndata: first\r\ndata: second\r\n\r\n: comment\n\n"
+        'data:{"a":1}\n\ndata: ü\r\rid:9\rdata:  x\r\n\r\ndata: tail'
+    )
+    body = text.encode()
+    whole = Decoder().feed(body)
+    assert [(i, d.decode()) for i, d in whole] == [
+        (b"1", "first\nsecond"),
+        (None, '{"a":1}'),
+        (None, "ü"),
+        (b"9", " x"),
+    ]
+    for cut in range(len(body) + 1):
+        decoder = Decoder()
+        assert decoder.feed(body[:cut]) + decoder.feed(body[cut:]) == whole, cut
+    one_by_one = Decoder()
+    assert [e for i in range(len(body)) for e in one_by_one.feed(body[i : i + 1])] == whole
