@@ -17,7 +17,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from minichat import accounts, auth, limits
@@ -30,6 +30,7 @@ from minichat.validate import parse_uuid
 setup_logging(get_settings().log_level)
 log = get_logger("minichat.stream")
 _STREAM_PATH = re.compile(r"^/api/generations/[^/]+/stream/?$")
+_STREAM_GET = re.compile(r"^/api/generations/([^/]+)/stream$")
 _SLOT_RETRY_AFTER_S = 5  # a user's connections come and go: try again soon
 _RENEW_SLOT_S = limits.STREAM_LEASE_MS / 3000  # pings come every 15 s at least, so leases never lapse
 _releases: set[asyncio.Task[None]] = set()
@@ -79,29 +80,86 @@ async def stream(request: Request) -> Response:
         _give_back(engine, user_id, slot)
         return _error(error, request_id)
 
-    async def body() -> AsyncIterator[bytes]:
-        renewed = time.monotonic()
-        try:
-            async for chunk in engine.frames(opened, after=_last_event_id(request)):
-                yield chunk
-                if slot and time.monotonic() - renewed >= _RENEW_SLOT_S:
-                    renewed = time.monotonic()
-                    with contextlib.suppress(RedisError, OSError):
-                        await limits.renew_stream_async(engine.redis, user_id=user_id, connection_id=slot)
-        except MiniChatError as error:  # headers are gone: the contract's error event, then stop
-            log.warning("stream interrupted", generation_id=generation_id, code=error.code)
-        finally:
-            _give_back(engine, user_id, slot)
-
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
+    return _EventStream(
+        engine.frames(opened, after=_last_event_id(request)),
+        engine=engine,
+        user_id=user_id,
+        slot=slot,
+        generation_id=generation_id,
         headers={
             "Cache-Control": "no-cache, no-transform",
             "X-Accel-Buffering": "no",  # proxies must not hold frames back
             "X-Request-Id": request_id,
         },
     )
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response: each chunk of frames goes straight to the server's `send`.
+
+    Starlette's StreamingResponse runs the body in a task group beside a disconnect listener and each
+    chunk passes through the middleware's send wrappers; here the body runs in the request's own task
+    and a small watcher cancels it when the client goes away (the frames' generator then ends, and the
+    user's stream slot is given back).
+    """
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        engine: Engine,
+        user_id: str,
+        slot: str | None,
+        generation_id: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(frames, media_type="text/event-stream", headers=headers)
+        self._frames = frames
+        self._engine = engine
+        self._user_id = user_id
+        self._slot = slot
+        self._generation_id = generation_id
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        slot, renewed = self._slot, time.monotonic()
+        try:
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            try:
+                async for chunk in self._frames:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if slot and time.monotonic() - renewed >= _RENEW_SLOT_S:
+                        renewed = time.monotonic()
+                        with contextlib.suppress(RedisError, OSError):
+                            await limits.renew_stream_async(
+                                self._engine.redis, user_id=self._user_id, connection_id=slot
+                            )
+            except MiniChatError as error:  # headers are gone: the contract's error event, then stop
+                log.warning("stream interrupted", generation_id=self._generation_id, code=error.code)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # the client left: nothing more to send, and nobody to tell
+        finally:
+            watcher.cancel()
+            close = getattr(self._frames, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+            _give_back(self._engine, self._user_id, slot)
 
 
 async def _take_slot(engine: Engine, user_id: str) -> str | None:
@@ -157,6 +215,27 @@ async def not_found(request: Request) -> Response:
     return _error(NotFound("No such route."), request_id)
 
 
+class _App(Starlette):
+    """The stream function's app: a GET of a stream goes straight to its handler, without the
+    middleware stack (whose send wrappers every frame would pass through); all else is Starlette's."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
+            match = _STREAM_GET.match(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope["path_params"] = {"generation_id": match.group(1)}
+                try:
+                    response = await stream(Request(scope, receive))
+                except Exception:
+                    # As Starlette's ServerErrorMiddleware answers an error before the response started.
+                    await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+                    raise
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     engine = Engine(get_settings())
@@ -168,7 +247,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await engine.close()
 
 
-app = Starlette(
+app = _App(
     routes=[
         Route("/api/generations/{generation_id}/stream", stream, methods=["GET"]),
         Route("/_ready", ready, methods=["GET"]),
