@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -112,9 +111,7 @@ class Plan:
 
 
 FULL = Plan(users=100, pairs=5, big=500, cancel_waves=2, cancel_per_wave=50, fast_reps=30, setup_bursts=3)
-QUICK = Plan(users=100, pairs=2, big=0, cancel_waves=1, cancel_per_wave=40, fast_reps=12, setup_bursts=1)
-if os.environ.get("BENCH_SETUP_BURSTS"):
-    QUICK = dataclasses.replace(QUICK, setup_bursts=int(os.environ["BENCH_SETUP_BURSTS"]))
+QUICK = Plan(users=100, pairs=2, big=0, cancel_waves=1, cancel_per_wave=40, fast_reps=12, setup_bursts=3)
 
 
 # --- CPU accounting (/proc) ------------------------------------------------------------------
@@ -520,12 +517,14 @@ def base_env() -> dict[str, str]:
     }
 
 
-def server_env(upstream: str, workers: int | None = None) -> dict[str, str]:
+def server_env(upstream: str, workers: int | None = None, root: Path = ROOT) -> dict[str, str]:
     env = base_env()
+    if root != ROOT:  # another checkout's code (an A/B comparison): its packages first on the path
+        env["PYTHONPATH"] = f"{root / 'layers' / 'core'}:{root / 'local'}"
     env.update(
         {
             "MINICHAT_ENV": "local",
-            "MINICHAT_ROOT": str(ROOT),
+            "MINICHAT_ROOT": str(root),
             "DATABASE_URL": DATABASE_URL,
             "REDIS_URL": REDIS_URL,
             "RABBITMQ_URL": BROKER_URL,
@@ -1005,7 +1004,7 @@ async def main_async(plan: Plan, args: argparse.Namespace) -> int:
         server = spawn(
             "minichat",
             [python, "-m", "minichat_local", "--port", str(api_port)],
-            server_env(upstream, args.workers),
+            server_env(upstream, args.workers, Path(args.root).resolve() if args.root else ROOT),
             api_port,
         )
         await stub.wait_ready(upstream + "/models")
@@ -1063,6 +1062,11 @@ def main() -> int:
         choices=("rounds", "setup"),
         default="rounds",
         help="what --profile records: the pairs' rounds, or the setup bursts (1-token streams)",
+    )
+    parser.add_argument(
+        "--root",
+        metavar="DIR",
+        help="serve another checkout's code (e.g. `git archive main | tar -x -C DIR`), for A/B runs",
     )
     parser.add_argument(
         "--workers",
