@@ -125,6 +125,12 @@ def test_any_leaf_of_a_random_tree_lists_its_path_and_the_model_sees_its_newest(
         ).fetchone()["id"]
         history = [(rows[i]["role"], rows[i]["content"]) for i in expected]
         assert generations.history(conn, generation) == history
+        conn.commit()
+        # The stream's claim walks the same path in its one statement; a second open only reads the row.
+        claimed, prompt = generations.open_for_stream(generation_id=generation, user_id=user_id)
+        assert prompt == history and claimed["status"] == "streaming" and str(claimed["id"]) == generation
+        again, none = generations.open_for_stream(generation_id=generation, user_id=user_id)
+        assert none is None and again == claimed
         monkeypatch.setattr(generations, "_HISTORY_LIMIT", 5)
         assert generations.history(conn, generation) == history[-5:]
         monkeypatch.undo()

@@ -40,7 +40,6 @@ __all__ = [
     "Outcome",
     "cancel_generation",
     "cancel_key",
-    "claim",
     "count_refused_create",
     "create_generation",
     "delete_chat",
@@ -362,18 +361,6 @@ def _owned(conn: db.Conn, *, user_id: str, generation_id: str) -> dict[str, Any]
     return row
 
 
-def claim(conn: db.Conn, *, generation_id: str, user_id: str) -> dict[str, Any] | None:
-    """queued → streaming: the first stream connection's claim to run the model (one winner)."""
-    return conn.execute(
-        f"""
-        UPDATE generations SET status = 'streaming', started_at = now(), heartbeat_at = now()
-        WHERE id = %s AND user_id = %s AND status = 'queued'
-        RETURNING {COLUMNS}
-        """,
-        (generation_id, user_id),
-    ).fetchone()
-
-
 def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 100) -> list[dict[str, Any]]:
     """In-flight generations the reaper should end: queued with no stream opened, or streaming with no
     heartbeat (their process died)."""
@@ -402,19 +389,26 @@ def prompt_for(
     )
 
 
-def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
-    """(role, content) of the path that leads to the generation's answer (its newest messages), oldest
-    first: nothing from other branches. One query: the path's segments, the newest of each, merged."""
-    rows = conn.execute(
-        f"""
-        WITH RECURSIVE {path_segments("(SELECT parent_message_id FROM generations WHERE id = %(id)s)")},
+def _newest_on_path(leaf: str) -> str:
+    """SQL: recursive CTE bodies ending in `newest(id, seq)`, the newest _HISTORY_LIMIT messages of the
+    path that ends at the message id `leaf` (an SQL expression); `%(limit)s` is the limit. The path's
+    segments, the newest of each, merged."""
+    return f"""{path_segments(leaf)},
         newest AS (
             SELECT x.id, x.seq FROM path_segments s, LATERAL (
                 SELECT m.id, m.seq FROM messages m WHERE m.segment_id = s.segment_id AND m.seq <= s.upto
                 ORDER BY m.seq DESC LIMIT %(limit)s
             ) x
             ORDER BY x.seq DESC LIMIT %(limit)s
-        )
+        )"""
+
+
+def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
+    """(role, content) of the path that leads to the generation's answer (its newest messages), oldest
+    first: nothing from other branches. One query."""
+    rows = conn.execute(
+        f"""
+        WITH RECURSIVE {_newest_on_path("(SELECT parent_message_id FROM generations WHERE id = %(id)s)")}
         SELECT m.role, m.content FROM newest JOIN messages m ON m.id = newest.id ORDER BY newest.seq
         """,
         {"id": generation_id, "limit": _HISTORY_LIMIT},
@@ -626,20 +620,43 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
 def open_for_stream(
     *, generation_id: str, user_id: str
 ) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
-    """Claim a queued generation (with its chat history), or just load it; NotFound for others' ids."""
-    with db.transaction() as conn:
-        row = claim(conn, generation_id=generation_id, user_id=user_id)
-        if row is not None:
-            return row, history(conn, generation_id)
+    """Claim a queued generation (with its chat history), or just load it; NotFound for others' ids.
+
+    One statement, one round trip (it commits on its own): the claim, the walk up its path when it
+    claimed, and the row as it is when it did not (already claimed, or ended).
+    """
+    with db.read() as conn:
         row = conn.execute(
-            f"SELECT {COLUMNS} FROM generations WHERE id = %s AND user_id = %s", (generation_id, user_id)
+            _OPEN_FOR_STREAM, {"id": generation_id, "user_id": user_id, "limit": _HISTORY_LIMIT}
         ).fetchone()
         if row is None and conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
             # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
             raise InvalidToken("This account no longer exists.")
     if row is None:
         raise NotFound("Generation not found.")
-    return row, None
+    history = row.pop("history")
+    if not row.pop("claimed"):
+        return row, None
+    return row, [(role, content) for role, content in history]
+
+
+# queued → streaming (one winner, the status guard); a row that was not queued is read as it is (the
+# statement's snapshot never shows the claim's own update, hence the NOT EXISTS).
+_OPEN_FOR_STREAM = f"""
+    WITH RECURSIVE claimed AS (
+        UPDATE generations SET status = 'streaming', started_at = now(), heartbeat_at = now()
+        WHERE id = %(id)s AND user_id = %(user_id)s AND status = 'queued'
+        RETURNING {COLUMNS}, parent_message_id
+    ), {_newest_on_path("(SELECT parent_message_id FROM claimed)")}
+    SELECT {", ".join(f"c.{c.strip()}" for c in COLUMNS.split(","))}, true AS claimed, (
+        SELECT COALESCE(json_agg(json_build_array(m.role, m.content) ORDER BY newest.seq), '[]'::json)
+        FROM newest JOIN messages m ON m.id = newest.id
+    ) AS history
+    FROM claimed c
+    UNION ALL
+    SELECT {COLUMNS}, false, NULL FROM generations
+    WHERE id = %(id)s AND user_id = %(user_id)s AND NOT EXISTS (SELECT 1 FROM claimed)
+"""
 
 
 def persist_terminal(*, generation_id: str, outcome: Outcome) -> dict[str, Any]:
