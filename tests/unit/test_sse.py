@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from minichat.sse import Decoder, encode_comment, encode_event, parse_sse
+from minichat.sse import Decoder, encode_comment, encode_delta, encode_event, parse_sse
 
 
 def test_delta_event_exact_bytes() -> None:
@@ -113,3 +113,8 @@ def test_the_decoder_gives_the_same_events_however_the_body_is_split() -> None:
         assert decoder.feed(body[:cut]) + decoder.feed(body[cut:]) == whole, cut
     one_by_one = Decoder()
     assert [e for i in range(len(body)) for e in one_by_one.feed(body[i : i + 1])] == whole
+
+
+def test_a_delta_frame_is_the_same_bytes_either_way() -> None:
+    for text in ["Hello", "", "héllo 世界 🌍", "a\nb\r\"\\\t\x00", "é\ud800x", "\u2028", '{"type":"x"}']:
+        assert encode_delta(9, text) == encode_event(9, {"type": "delta", "delta": text})

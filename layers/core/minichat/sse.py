@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["Decoder", "encode_comment", "encode_event", "parse_sse"]
+__all__ = ["Decoder", "encode_comment", "encode_delta", "encode_event", "parse_sse"]
 
 # One encoder built once: json.dumps with non-default options builds a new encoder on every call.
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -27,6 +27,15 @@ def encode_event(event_id: int, data: dict[str, Any]) -> bytes:
         # valid JSON and gives the client back the very same string.
         payload = _COMPACT_ASCII.encode(data)
         return f"id: {event_id}\ndata: {payload}\n\n".encode()
+
+
+def encode_delta(event_id: int, text: str) -> bytes:
+    """encode_event(event_id, {"type": "delta", "delta": text}), byte for byte, without the dict: the
+    frame every token becomes."""
+    try:
+        return f'id: {event_id}\ndata: {{"type":"delta","delta":{_COMPACT.encode(text)}}}\n\n'.encode()
+    except UnicodeEncodeError:  # a lone surrogate, as in encode_event
+        return f'id: {event_id}\ndata: {{"type":"delta","delta":{_COMPACT_ASCII.encode(text)}}}\n\n'.encode()
 
 
 def encode_comment(text: str = "ping") -> bytes:

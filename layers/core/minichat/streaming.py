@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ from minichat.providers import (
     estimate_prompt_tokens,
     estimate_tokens,
 )
-from minichat.sse import encode_comment, encode_event
+from minichat.sse import encode_comment, encode_delta, encode_event
 
 __all__ = ["HEARTBEAT_S", "Engine", "Opened"]
 
@@ -84,7 +85,7 @@ class Run:
     first_token: bool = False
     task: asyncio.Task[None] | None = None
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         return str(self.row["id"])
 
@@ -295,7 +296,7 @@ class Engine:
             return
         if loop_now - run.last_emit >= COALESCE_S:
             run.last_emit = loop_now
-            self._emit(run, buffer.delta(text))
+            self._append(run, encode_delta(len(run.frames) + 1, text))
         else:
             run.pending.append(text)
             asyncio.get_running_loop().call_later(COALESCE_S, self._flush, run)
@@ -305,11 +306,13 @@ class Engine:
             text = "".join(run.pending)
             run.pending.clear()
             run.last_emit = time.monotonic()
-            self._emit(run, buffer.delta(text))
+            self._append(run, encode_delta(len(run.frames) + 1, text))
 
     def _emit(self, run: Run, event: buffer.Event, *, end: bool = False) -> None:
-        number = len(run.frames) + 1
-        frame = encode_event(number, event)
+        self._append(run, encode_event(len(run.frames) + 1, event), end=end)
+
+    def _append(self, run: Run, frame: bytes, *, end: bool = False) -> None:
+        """The run's next frame (numbered len(run.frames) + 1): to memory, the buffer, the readers."""
         run.frames.append(frame)
         assert self._buffer is not None
         self._buffer.append(run.id, run.frames, end=end)
