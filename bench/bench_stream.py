@@ -900,6 +900,9 @@ def render(report: Report) -> tuple[str, bool]:
         " 'background' the supervisor (outbox relay, RabbitMQ consumer and worker handler, reaper)"
     )
     setup_lost = sum(len(s.open.results) - s.open.completed for s in report.setup)
+    if setup_lost:
+        reasons = sorted({e for s in report.setup for b in (s.create, s.open) for e in b.errors()})
+        out(f"  setup bursts: {setup_lost} stream(s) lost: {'; '.join(reasons)[:300]}")
 
     def per(cpu_of: Callable[[Burst], float], bursts: list[Burst]) -> float:
         return median([cpu_of(b) / len(b.results) for b in bursts])
@@ -1034,7 +1037,9 @@ async def main_async(plan: Plan, args: argparse.Namespace) -> int:
             stub.check_alive()
         text, ok = render(report)
         print(text, flush=True)
-        if any(r.lost for r in report.rounds):
+        if any(r.lost for r in report.rounds) or any(
+            s.open.completed < len(s.open.results) for s in report.setup
+        ):
             print(f"\nminichat log (last lines):\n{server.tail(15)}", file=sys.stderr)
         return 0 if ok else 3
     finally:
