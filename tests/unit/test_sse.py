@@ -116,5 +116,5 @@ def test_the_decoder_gives_the_same_events_however_the_body_is_split() -> None:
 
 
 def test_a_delta_frame_is_the_same_bytes_either_way() -> None:
-    for text in ["Hello", "", "héllo 世界 🌍", "a\nb\r\"\\\t\x00", "é\ud800x", "\u2028", '{"type":"x"}']:
+    for text in ["Hello", "", "héllo 世界 🌍", 'a\nb\r"\\\t\x00', "é\ud800x", "\u2028", '{"type":"x"}']:
         assert encode_delta(9, text) == encode_event(9, {"type": "delta", "delta": text})

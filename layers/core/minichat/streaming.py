@@ -72,7 +72,7 @@ class Run:
     row: dict[str, Any]
     frames: list[bytes] = field(default_factory=list)
     finished: bool = False
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)  # readers waiting for a change
     stop_reason: str | None = None  # "canceled" | "timeout" | "shutdown" | "length" (the message bound)
     finish_reason: str | None = None  # what the provider said, or "length" at the message bound
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -526,8 +526,12 @@ class Engine:
 def _wake(run: Run) -> None:
     """Wake the run's readers (each compares what it has sent with run.frames)."""
     run.last_wake = time.monotonic()
-    changed, run.changed = run.changed, asyncio.Event()
-    changed.set()
+    waiters = run.waiters
+    if waiters:
+        run.waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 async def _follow_local(run: Run, after: int) -> AsyncIterator[bytes]:
@@ -543,7 +547,9 @@ async def _follow_local(run: Run, after: int) -> AsyncIterator[bytes]:
             continue
         if run.finished:
             return
-        await run.changed.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        run.waiters.append(waiter)
+        await waiter
         if position == len(run.frames) and not run.finished:
             yield _PING
 

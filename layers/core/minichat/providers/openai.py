@@ -326,20 +326,24 @@ class _Watchdog:
     only when it fires before the current deadline.
     """
 
-    __slots__ = ("_armed_for", "_handle", "_loop", "_task", "deadline", "expired")
+    __slots__ = ("_armed_for", "_handle", "_loop", "_owner", "_task", "deadline", "expired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
         self._task: asyncio.Task[Any] | None = None  # set only while the task waits on the upstream
+        # The task reading the stream (one task reads a stream), looked up on its first wait only.
+        self._owner: asyncio.Task[Any] | None = None
         self.deadline = 0.0
         self.expired = False
 
     def wait_until(self, deadline: float) -> None:
         """Guard the wait that follows (until done()) with `deadline`, in loop time."""
         self.deadline = deadline
-        self._task = asyncio.current_task()
+        if self._owner is None:
+            self._owner = asyncio.current_task()
+        self._task = self._owner
         if self._handle is None or self._armed_for > deadline:
             self._arm(deadline)
 
