@@ -1,6 +1,6 @@
 """Benchmark 2: streaming through MiniChat local mode, side by side with the same upstream read directly.
 
-    python bench/bench_stream.py               # ~2 min
+    python bench/bench_stream.py               # ~75 s
     python bench/bench_stream.py --quick       # ~40 s: 2 pairs, no 500-stream round, fewer samples
     python bench/bench_stream.py --workers 2   # local mode with MINICHAT_WORKERS=2
     python bench/bench_stream.py --quick --profile /tmp/p.txt --profile-phase setup   # py-spy, raw stacks

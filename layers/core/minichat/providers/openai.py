@@ -1,4 +1,5 @@
-"""OpenAI (or any OpenAI-compatible server) through the official `openai` client, streamed."""
+"""OpenAI (or any OpenAI-compatible server), streamed: the official `openai` client's endpoint, headers
+and HTTP transport, the body read with the project's SSE decoder."""
 
 from __future__ import annotations
 
@@ -141,12 +142,12 @@ class OpenAIProvider:
         """POST the request; the response body's blocks as they arrive. Raises _UpstreamStatus for an
         HTTP error (its body is never read), the transport's exceptions for the rest.
 
-        The request goes out with the client's endpoint and headers but not through create(): its
+        The request goes out with the client's endpoint and headers but not through create(), whose
         per-request machinery (options models, the body's walk against TypedDicts, retries, header
-        merging) cost about 0.7 ms of CPU per stream, a third of a stream's whole setup, for a body that
-        is already in wire form. With the aiohttp transport it goes straight to an aiohttp session (the
-        openai client's aiohttp transport, under httpx2's client and response, cost 0.25 ms more per
-        request and 4 µs more per block read).
+        merging) cost a third of a stream's whole setup for a body that is already in wire form (profiled
+        with bench/bench_stream.py). With the aiohttp transport it goes straight to an aiohttp session:
+        the openai client's aiohttp transport, under httpx2's client and response, added CPU to every
+        request and to every block read.
         """
         if self._transport == "aiohttp":
             async with self._aiohttp_session().post(self._url, data=payload, headers=self._headers) as reply:
