@@ -321,11 +321,18 @@ class Client:
         self.minichat = minichat  # http://127.0.0.1:<port>
         self.api = minichat  # where creates and cancels go: the same origin (a profiling run may split it)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+        # Idle connections are dropped before the servers drop them (uvicorn: 5 s): a request sent on a
+        # connection the server is closing fails (ServerDisconnectedError), and a cancel lost that way
+        # left its stream running for minutes.
         self.direct_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=timeout, auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
+            timeout=timeout,
+            auto_decompress=False,
         )
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=timeout, auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
+            timeout=timeout,
+            auto_decompress=False,
         )
 
     async def close(self) -> None:
