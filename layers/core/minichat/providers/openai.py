@@ -28,6 +28,7 @@ _NO_KEY = "no-key"
 _DRAIN_SECONDS = 1.0
 # OpenAI's finish_reason values that the contract names; the others (content_filter, tool_calls) stay null.
 _FINISH = {"stop": Finish("stop"), "length": Finish("length")}
+_KEEPALIVE_S = 4.0  # how long an idle upstream connection is kept for the next stream
 # The request body, compact; ASCII, so that any text (a lone surrogate too) has a wire form.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -173,14 +174,16 @@ class OpenAIProvider:
 
     def _aiohttp_session(self) -> Any:
         """This loop's aiohttp session (made on its first stream), as the openai client's transport makes
-        it: its TLS context, at most 1,000 connections, idle ones kept 5 s, proxies from the environment."""
+        it (its TLS context, at most 1,000 connections, proxies from the environment), but idle connections
+        are dropped after 4 s, before the upstream drops them: many servers close idle connections after
+        5 s (uvicorn, Node), and a request sent on a connection the server is closing fails."""
         import aiohttp
         import httpx2
 
         session, loop = self._session, asyncio.get_running_loop()
         if session is None or session.closed or self._session_loop is not loop:
             connector = aiohttp.TCPConnector(
-                limit=1000, keepalive_timeout=5.0, ssl=httpx2.create_ssl_context(trust_env=True)
+                limit=1000, keepalive_timeout=_KEEPALIVE_S, ssl=httpx2.create_ssl_context(trust_env=True)
             )
             # No read timeout (the watchdog's deadlines cover every wait), as in the client.
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
