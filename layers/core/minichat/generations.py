@@ -30,7 +30,7 @@ from minichat.errors import (
 )
 from minichat.log import get_logger
 from minichat.providers.base import ChatMessage, build_prompt, estimate_prompt_tokens, estimate_tokens
-from minichat.serialize import iso
+from minichat.serialize import generation_out
 
 __all__ = [
     "CANCEL_CHANNEL",
@@ -46,7 +46,6 @@ __all__ = [
     "end_elsewhere",
     "final_state",
     "finish",
-    "generation_out",
     "get_generation",
     "heartbeat",
     "history",
@@ -95,28 +94,6 @@ class Outcome:
 
 def cancel_key(generation_id: str) -> str:
     return f"generation:{generation_id}:cancel"
-
-
-def generation_out(row: dict[str, Any]) -> dict[str, Any]:
-    """The contract's Generation shape."""
-    return {
-        "id": str(row["id"]),
-        "chatId": str(row["chat_id"]),
-        "status": row["status"],
-        "model": row["model"],
-        "systemPrompt": row["system_prompt"],
-        "temperature": row["temperature"],
-        "maxTokens": row["max_tokens"],
-        "inputTokens": row["input_tokens"],
-        "outputTokens": row["output_tokens"],
-        "createdAt": iso(row["created_at"]),
-        "startedAt": iso(row["started_at"]),
-        "finishedAt": iso(row["finished_at"]),
-        "errorCode": row["error_code"],
-        "errorMessage": row["error_message"],
-        "requestId": row["request_id"],
-        "finishReason": row["finish_reason"],
-    }
 
 
 def stream_url(*, user_id: str, generation_id: str) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["chat_out", "iso", "message_out", "public_path_prefix", "user_out", "utcnow"]
+__all__ = ["chat_out", "generation_out", "iso", "message_out", "public_path_prefix", "user_out", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -58,6 +58,28 @@ def message_out(row: dict[str, Any]) -> dict[str, Any]:
         "generationId": _id(row.get("generation_id")),
         "createdAt": iso(row["created_at"]),
         "siblingIds": [str(sibling) for sibling in row["sibling_ids"]],
+    }
+
+
+def generation_out(row: dict[str, Any]) -> dict[str, Any]:
+    """The contract's Generation shape."""
+    return {
+        "id": str(row["id"]),
+        "chatId": str(row["chat_id"]),
+        "status": row["status"],
+        "model": row["model"],
+        "systemPrompt": row["system_prompt"],
+        "temperature": row["temperature"],
+        "maxTokens": row["max_tokens"],
+        "inputTokens": row["input_tokens"],
+        "outputTokens": row["output_tokens"],
+        "createdAt": iso(row["created_at"]),
+        "startedAt": iso(row["started_at"]),
+        "finishedAt": iso(row["finished_at"]),
+        "errorCode": row["error_code"],
+        "errorMessage": row["error_message"],
+        "requestId": row["request_id"],
+        "finishReason": row["finish_reason"],
     }
 
 
