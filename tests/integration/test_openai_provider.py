@@ -452,3 +452,55 @@ def test_stub_rejects_an_unknown_scenario(stub: tuple[OpenAIStub, str], transpor
     _, error, _ = _run(base_url, transport, lambda p: _collect_until_error(p, _request("stub-bogus-1")))
     assert isinstance(error, ProviderError)
     assert error.message == "upstream returned HTTP 400"
+
+
+class _ForwardProxy:
+    """An HTTP forward proxy for plain-HTTP targets: each request's absolute-form target is noted and
+    rewritten to origin form, then the bytes are piped both ways."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target, version = head.split(b"\r\n", 1)[0].decode().split(" ")
+        self.targets.append(f"{method} {target}")
+        url = httpx.URL(target)
+        up_reader, up_writer = await asyncio.open_connection(url.host, url.port)
+        rest = head.split(b"\r\n", 1)[1]
+        up_writer.write(f"{method} {url.raw_path.decode()} {version}\r\n".encode() + rest)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while block := await src.read(65536):
+                dst.write(block)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+
+def test_the_proxy_named_by_the_environment_carries_the_request(
+    stub: tuple[OpenAIStub, str], transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured, looked up once per session rather than on every request."""
+    app, base_url = stub
+    proxy = _ForwardProxy()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def body() -> list[list[StreamItem]]:
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+        provider = OpenAIProvider(models=["m"], api_key=API_KEY, base_url=base_url, transport=transport)
+        try:
+            return [await _collect(provider, _request(f"stub-tokens-{n}")) for n in (2, 3)]
+        finally:
+            await provider.aclose()
+            server.close()
+
+    results = asyncio.run(body())
+    assert proxy.targets and all(t == f"POST {base_url}/chat/completions" for t in proxy.targets)
+    assert [len(items) for items in results] == [4, 5]  # deltas, Finish, Usage: the whole answer came back
+    assert app.stats.completed == 2

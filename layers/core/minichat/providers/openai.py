@@ -73,6 +73,7 @@ class OpenAIProvider:
         self._timeout: Any = None
         self._session: Any = None  # the aiohttp transport's session (aiohttp.ClientSession)
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._proxy: tuple[Any, Any] = (None, None)  # the session's (proxy URL, its BasicAuth) or Nones
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
     def models(self) -> list[str]:
@@ -151,7 +152,11 @@ class OpenAIProvider:
         request and to every block read.
         """
         if self._transport == "aiohttp":
-            async with self._aiohttp_session().post(self._url, data=payload, headers=self._headers) as reply:
+            session = self._aiohttp_session()
+            proxy, proxy_auth = self._proxy
+            async with session.post(
+                self._url, data=payload, headers=self._headers, proxy=proxy, proxy_auth=proxy_auth
+            ) as reply:
                 if reply.status >= 400:
                     raise _UpstreamStatus(reply.status)
                 yield reply.content.iter_any()
@@ -187,7 +192,10 @@ class OpenAIProvider:
             )
             # No read timeout (the watchdog's deadlines cover every wait), as in the client.
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
-            session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True)
+            # The proxy from the environment, looked up once: with trust_env, aiohttp looks it up, and
+            # reads ~/.netrc, in two thread-pool hops on every request.
+            session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+            self._proxy = _env_proxy(self._url)
             self._session, self._session_loop = session, loop
         return session
 
@@ -296,6 +304,18 @@ class OpenAIProvider:
             raise ProviderError("the upstream model server sent an invalid response") from None
         finally:
             watchdog.close()
+
+
+def _env_proxy(url: str) -> tuple[Any, Any]:
+    """The proxy the environment names for `url` (HTTPS_PROXY, NO_PROXY, ...; its credentials from
+    ~/.netrc when the proxy URL has none), as aiohttp's trust_env finds it; (None, None) for none."""
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
 
 
 class _UpstreamStatus(Exception):
