@@ -149,11 +149,14 @@ def test_any_leaf_of_a_random_tree_lists_its_path_and_the_model_sees_its_newest(
     assert {i: r["segment_id"] for i, r in _rows(conn, chat_id).items()} == before
 
 
+@pytest.mark.parametrize("path", ["transaction", "pipeline"])
 def test_an_answer_landing_beside_a_new_message_starts_its_own_segment(
-    tree_db: psycopg.Connection[Any], database_url: str
+    tree_db: psycopg.Connection[Any], database_url: str, path: str
 ) -> None:
     """A user message is added under the prompt (its transaction still open) as the generation that
-    answers the prompt ends: the two are children of one message, and only one continues its segment."""
+    answers the prompt ends: the two are children of one message, and only one continues its segment.
+    Both ways a generation ends: finish() in a transaction (the reaper, a cancel), and the run's
+    persist_terminal, whose statements go out together on a pipeline."""
     conn = tree_db
     user_id, chat_id = _user_and_chat(conn)
     prompt = _add(conn, user_id, chat_id, None, "user")
@@ -171,15 +174,16 @@ def test_an_answer_landing_beside_a_new_message_starts_its_own_segment(
 
         finished: list[Any] = []
 
+        row = {"id": generation, "chat_id": chat_id, "user_id": user_id, "model": "mock"}
+        outcome = Outcome(status="succeeded", text="the answer", finish_reason="stop")
+
         def finish() -> None:
+            if path == "pipeline":
+                finished.append(generations.persist_terminal(generation=row, outcome=outcome))
+                return
             with psycopg.connect(database_url, row_factory=dict_row) as mine, mine.transaction():
                 finished.append(
-                    generations.finish(
-                        mine,
-                        generation_id=generation,
-                        outcome=Outcome(status="succeeded", text="the answer", finish_reason="stop"),
-                        from_states=("streaming",),
-                    )
+                    generations.finish(mine, generation=row, outcome=outcome, from_states=("streaming",))
                 )
 
         thread = threading.Thread(target=finish)

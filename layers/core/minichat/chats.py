@@ -24,6 +24,7 @@ from minichat.validate import decode_cursor, encode_cursor
 
 __all__ = [
     "ASSISTANT_MAX_CHARS",
+    "add_answer",
     "add_message",
     "create_chat",
     "delete_chat",
@@ -211,34 +212,42 @@ def delete_chat(*, user_id: str, chat_id: str) -> None:
 
 
 def insert_message(
-    conn: db.Conn,
-    *,
-    chat_id: str,
-    role: str,
-    content: str,
-    parent_id: str | None = None,
-    generation_id: str | None = None,
+    conn: db.Conn, *, chat_id: str, role: str, content: str, parent_id: str | None = None
 ) -> dict[str, Any]:
     """Add a message under `parent_id` and make it the chat's active leaf, in one statement.
 
-    An answer (`generation_id` given) goes under the message its generation answers, whatever the chat
-    shows by now. The chat is bumped (and titled from its first user message when it has none).
-    The caller holds the chat's row lock (owned_chat_for_update; generations.finish takes it too): the
-    message's segment depends on the other children of its parent.
+    The chat is bumped (and titled from its first user message when it has none). The caller holds the
+    chat's row lock (owned_chat_for_update): the message's segment depends on the other children of its
+    parent.
     """
     row = conn.execute(
-        _INSERT_MESSAGE,
-        {
-            "chat_id": chat_id,
-            "role": role,
-            "content": content,
-            "parent_id": parent_id,
-            "generation_id": generation_id,
-            "title": title_from(content),
-        },
+        _INSERT_MESSAGE, _message_params(chat_id=chat_id, role=role, content=content, parent_id=parent_id)
     ).fetchone()
     assert row is not None
     return row
+
+
+def add_answer(conn: db.Conn, *, chat_id: str, generation_id: str, content: str) -> None:
+    """A generation's answer, under the message it answers whatever the chat shows by now, and the chat's
+    active leaf. Nothing is read back: on a pipeline it goes out with the statements around it. The
+    caller holds the chat's row lock, taken by an earlier statement (generations.finish)."""
+    conn.execute(
+        _INSERT_MESSAGE,
+        _message_params(chat_id=chat_id, role="assistant", content=content, generation_id=generation_id),
+    )
+
+
+def _message_params(
+    *, chat_id: str, role: str, content: str, parent_id: str | None = None, generation_id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "chat_id": chat_id,
+        "role": role,
+        "content": content,
+        "parent_id": parent_id,
+        "generation_id": generation_id,
+        "title": title_from(content),
+    }
 
 
 # Its siblings are found before the row exists (a statement's subqueries do not see its own insert):
@@ -330,14 +339,7 @@ def queue_prompt(
     elif content is not None:
         conn.execute(
             _INSERT_PROMPT,
-            {
-                "chat_id": chat_id,
-                "role": "user",
-                "content": content,
-                "generation_id": None,
-                "edit_of": edit_of,
-                "title": title_from(content),
-            },
+            {**_message_params(chat_id=chat_id, role="user", content=content), "edit_of": edit_of},
         )
 
 

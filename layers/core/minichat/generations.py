@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,8 @@ import redis
 from psycopg import errors as pg_errors
 
 from minichat import accounts, admission, auth, budget, buffer, db, events, kv, limits
+from minichat.chats import add_answer, owned_chat_for_update, path_segments, queue_prompt, refusal
 from minichat.chats import delete_chat as _delete_chat_rows
-from minichat.chats import insert_message, owned_chat_for_update, path_segments, queue_prompt, refusal
 from minichat.config import get_settings
 from minichat.errors import (
     GenerationInFlight,
@@ -343,7 +343,7 @@ def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 1
     heartbeat (their process died)."""
     return conn.execute(
         """
-        SELECT id, user_id, chat_id, status, system_prompt FROM generations
+        SELECT id, user_id, chat_id, status, model, system_prompt FROM generations
         WHERE (status = 'queued' AND created_at < now() - make_interval(secs => %s))
            OR (status = 'streaming'
                AND COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s))
@@ -396,7 +396,7 @@ def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
 def finish(
     conn: db.Conn,
     *,
-    generation_id: str,
+    generation: Mapping[str, Any],
     outcome: Outcome,
     from_states: tuple[str, ...],
     silent_for: float | None = None,
@@ -404,54 +404,55 @@ def finish(
     """The terminal transaction's work, in the caller's transaction: the terminal transition, the
     assistant message, the usage and audit events.
 
-    `silent_for` (the reaper): only if nothing has been heard of the generation for that many seconds,
-    checked in the same statement, so a heartbeat that lands first keeps it alive.
+    `generation`: its id, chat_id, user_id and model, as read before. `silent_for` (the reaper): only if
+    nothing has been heard of the generation for that many seconds, checked in the same statement, so a
+    heartbeat that lands first keeps it alive.
     Returns the updated row, or None when another party ended the generation first.
     """
-    assert outcome.status in TERMINAL
-    # The chat's row lock first, as every writer of a chat's messages takes it (chats.insert_message),
-    # and in this statement, before the answer's insert: one round trip.
     row = conn.execute(
-        f"""
-        WITH chat AS (
-            SELECT c.id FROM generations g JOIN chats c ON c.id = g.chat_id WHERE g.id = %s FOR UPDATE OF c
-        )
-        UPDATE generations
-        SET status = %s, finished_at = now(), input_tokens = %s, output_tokens = %s,
-            usage_estimated = %s, error_code = %s, error_message = %s, finish_reason = %s
-        WHERE id = %s AND status = ANY(%s) AND EXISTS (SELECT 1 FROM chat)
-          AND (%s::float8 IS NULL
-               OR COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s::float8))
-        RETURNING {COLUMNS}
-        """,
-        (
-            generation_id,
-            outcome.status,
-            outcome.input_tokens,
-            outcome.output_tokens,
-            outcome.estimated,
-            outcome.error_code,
-            outcome.error_message,
-            outcome.finish_reason if outcome.status == "succeeded" else None,
-            generation_id,
-            list(from_states),
-            silent_for,
-            silent_for,
-        ),
+        _END, _end_params(generation, outcome, from_states=from_states, silent_for=silent_for)
     ).fetchone()
-    if row is None:
-        return None
+    if row is not None:
+        _record_end(conn, generation, outcome)
+    return row
+
+
+def _end_params(
+    generation: Mapping[str, Any],
+    outcome: Outcome,
+    *,
+    from_states: tuple[str, ...],
+    silent_for: float | None = None,
+) -> dict[str, Any]:
+    assert outcome.status in TERMINAL
+    return {
+        "id": str(generation["id"]),
+        "status": outcome.status,
+        "input_tokens": outcome.input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "estimated": outcome.estimated,
+        "error_code": outcome.error_code,
+        "error_message": outcome.error_message,
+        "finish_reason": outcome.finish_reason if outcome.status == "succeeded" else None,
+        "from_states": list(from_states),
+        "silent_for": silent_for,
+    }
+
+
+def _record_end(conn: db.Conn, generation: Mapping[str, Any], outcome: Outcome) -> None:
+    """What follows the terminal transition in its transaction; queued without reading anything back, so
+    that on a pipeline (persist_terminal) it goes out with the transition."""
+    generation_id = str(generation["id"])
     if outcome.text:
-        insert_message(
-            conn, chat_id=row["chat_id"], role="assistant", content=outcome.text, generation_id=generation_id
-        )
-    user_id = str(row["user_id"])
+        chat_id = str(generation["chat_id"])
+        add_answer(conn, chat_id=chat_id, generation_id=generation_id, content=outcome.text)
+    user_id = str(generation["user_id"])
     if outcome.input_tokens or outcome.output_tokens:
         events.record_usage(
             conn,
             user_id=user_id,
             generation_id=generation_id,
-            model=row["model"],
+            model=generation["model"],
             input_tokens=outcome.input_tokens,
             output_tokens=outcome.output_tokens,
             estimated=outcome.estimated,
@@ -465,7 +466,34 @@ def finish(
         action="generation.canceled" if outcome.status == "canceled" else "generation.finished",
         metadata=metadata,
     )
-    return row
+
+
+# The terminal transition. The chat's row lock first, as every writer of a chat's messages takes it
+# (chats.insert_message), and in this statement, before the answer's insert: no round trip of its own.
+_ENDED = f"""
+    WITH chat AS (
+        SELECT c.id FROM generations g JOIN chats c ON c.id = g.chat_id WHERE g.id = %(id)s FOR UPDATE OF c
+    ), ended AS (
+        UPDATE generations
+        SET status = %(status)s, finished_at = now(), input_tokens = %(input_tokens)s,
+            output_tokens = %(output_tokens)s, usage_estimated = %(estimated)s, error_code = %(error_code)s,
+            error_message = %(error_message)s, finish_reason = %(finish_reason)s
+        WHERE id = %(id)s AND status = ANY(%(from_states)s) AND EXISTS (SELECT 1 FROM chat)
+          AND (%(silent_for)s::float8 IS NULL
+               OR COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %(silent_for)s::float8))
+        RETURNING {COLUMNS}
+    )"""
+_END = _ENDED + "\n    SELECT * FROM ended"
+# The same, refusing (minichat_refuse) when another party ended the generation first: on a pipeline, the
+# statements queued after it are skipped and the transaction is rolled back. The refusal is the outer
+# side of the join, so it is evaluated whether or not `ended` has a row.
+_END_OR_REFUSE = (
+    _ENDED
+    + """
+    SELECT ended.* FROM (
+        SELECT minichat_refuse(CASE WHEN NOT EXISTS (SELECT 1 FROM ended) THEN 'ended_elsewhere' END)
+    ) AS checked LEFT JOIN ended ON true"""
+)
 
 
 def end_elsewhere(
@@ -480,8 +508,8 @@ def end_elsewhere(
     """End an in-flight generation whose run is not here to end it: `failed` with `error` (the reaper),
     or `canceled` without one (a chat deletion).
 
-    `running` is its row as read (id, user_id, chat_id, status, system_prompt). A streaming one keeps what
-    its run already streamed (read back from the event buffer) and is counted (estimated usage: the
+    `running` is its row as read (id, user_id, chat_id, status, model, system_prompt). A streaming one
+    keeps what its run already streamed (read back from the event buffer) and is counted (estimated usage: the
     prompt and that text); its followers get the closing events. The user's lock is freed.
     Returns the terminal row, or None when it had ended (or had been heard from) in the meantime.
     Raises RedisError when a streaming generation's buffer cannot be read: ending it then would lose
@@ -506,7 +534,7 @@ def end_elsewhere(
         )
         row = finish(
             conn,
-            generation_id=generation_id,
+            generation=running,
             outcome=outcome,
             from_states=from_states or (running["status"],),
             silent_for=silent_for,
@@ -543,9 +571,7 @@ def cancel_generation(*, user_id: str, generation_id: str) -> dict[str, Any]:
             raise ServiceUnavailable("Cannot reach the running generation; retry shortly.") from exc
     if row["status"] == "queued":
         with db.transaction() as conn:
-            ended = finish(
-                conn, generation_id=generation_id, outcome=Outcome(status="canceled"), from_states=("queued",)
-            )
+            ended = finish(conn, generation=row, outcome=Outcome(status="canceled"), from_states=("queued",))
             row = ended or _owned(conn, user_id=user_id, generation_id=generation_id)
         if ended is not None:
             _release_quietly(client, user_id=user_id, generation_id=generation_id)
@@ -558,7 +584,7 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
     with db.transaction() as conn:
         owned_chat_for_update(conn, user_id=user_id, chat_id=chat_id)
         running = conn.execute(
-            "SELECT id, user_id, chat_id, status, system_prompt FROM generations"
+            "SELECT id, user_id, chat_id, status, model, system_prompt FROM generations"
             " WHERE chat_id = %s AND status IN ('queued', 'streaming')",
             (chat_id,),
         ).fetchone()
@@ -636,11 +662,24 @@ _OPEN_FOR_STREAM = f"""
 """
 
 
-def persist_terminal(*, generation_id: str, outcome: Outcome) -> dict[str, Any]:
-    """The run's terminal transaction (streaming → its outcome); the row as the database has it after."""
-    with db.transaction() as conn:
-        row = finish(conn, generation_id=generation_id, outcome=outcome, from_states=("streaming",))
-        if row is None:  # ended elsewhere first (chat deleted, reaper): report what the database says
+def persist_terminal(*, generation: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
+    """The run's terminal transaction (streaming → its outcome); the row as the database has it after.
+
+    One round trip: the transition, the answer and the events on one pipeline (db.batch). When another
+    party ended the generation first (the chat deleted, the reaper), the transition refuses, nothing is
+    written, and the row is read as that party left it.
+    """
+    generation_id = str(generation["id"])
+    try:
+        with db.batch() as conn:
+            params = _end_params(generation, outcome, from_states=("streaming",))
+            ended = conn.execute(_END_OR_REFUSE, params)
+            _record_end(conn, generation, outcome)
+        row = ended.fetchone()
+    except pg_errors.RaiseException as exc:
+        if exc.diag.constraint_name != "ended_elsewhere":
+            raise
+        with db.read() as conn:
             row = conn.execute(
                 f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,)
             ).fetchone()

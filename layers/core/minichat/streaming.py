@@ -382,7 +382,7 @@ class Engine:
         while True:
             try:
                 return await self._in_thread(
-                    generations.persist_terminal, generation_id=run.id, outcome=outcome
+                    generations.persist_terminal, generation=run.row, outcome=outcome
                 )
             except ServiceUnavailable:
                 if time.monotonic() > deadline:
