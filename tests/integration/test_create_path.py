@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -202,3 +203,18 @@ def test_a_refused_batch_leaves_its_connection_usable(db: Any) -> None:
         except pg_errors.RaiseException as exc:
             outcomes.append(exc.diag.constraint_name == "test")
     assert all(outcomes)
+
+
+def test_a_batch_whose_block_raises_commits_nothing(db: Any) -> None:
+    """A batch has no BEGIN: its pipeline's Sync ends an implicit transaction. When the block raises after
+    queuing a write, the write must not be committed by that Sync."""
+    from minichat import db as database
+
+    email = f"abandoned-{uuid.uuid4().hex[:8]}@example.com"
+    with pytest.raises(ZeroDivisionError), database.batch() as conn:
+        conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x')", (email,))
+        raise ZeroDivisionError  # a bug in the block, after the insert was queued
+    assert db.execute("SELECT count(*) FROM users WHERE email = %s", (email,)).fetchone()[0] == 0
+    with database.batch() as conn:  # the connection is usable, and a block that ends commits
+        conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x')", (email,))
+    assert db.execute("SELECT count(*) FROM users WHERE email = %s", (email,)).fetchone()[0] == 1

@@ -1,8 +1,9 @@
 """The daily token budget (MINICHAT_DAILY_TOKEN_BUDGET): what a user may still spend today (UTC).
 
 The create checks a counter in Redis, `user:{id}:tokens:{day}`, in its one Redis call (limits.admit_create):
-- usage is added to it right after the commit that records it (events.record_usage, at the end of a
-  generation), before the user's lock is released: the next create already counts it, so a user can
+- usage is added to it right after the commit that records it (by whoever ends the generation:
+  generations.finish, or the stream function's generations.persist_terminal), before the user's lock is
+  released: the next create already counts it, so a user can
   overspend by one generation at most (the one that crossed the budget);
 - when the counter is missing (first create of the day, Redis restarted or evicted it) or its freshness
   marker has expired (every FRESH_TTL_S), the create seeds it from daily_usage and the counter keeps the
@@ -18,13 +19,14 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from minichat import db, kv
 from minichat.config import get_settings
 from minichat.limits import BudgetKeys
 from minichat.log import get_logger
 
-__all__ = ["FRESH_TTL_S", "add_usage", "keys", "today", "used_in_database", "used_today"]
+__all__ = ["FRESH_TTL_S", "add_usage", "add_usage_async", "keys", "today", "used_in_database", "used_today"]
 
 log = get_logger("minichat.budget")
 
@@ -78,6 +80,18 @@ def add_usage(*, user_id: str, tokens: int, at: datetime) -> None:
     try:
         kv.run_script(_ADD, [_counter_key(user_id, at.astimezone(UTC).date())], [int(tokens)])
     except redis.RedisError:
+        log.warning("budget counter not updated: redis unavailable", user_id=user_id)
+
+
+async def add_usage_async(client: redis.asyncio.Redis, *, user_id: str, tokens: int, at: datetime) -> None:
+    """add_usage(), with an asyncio client (the stream function's terminal commit)."""
+    if tokens <= 0 or not get_settings().daily_token_budget:
+        return
+    try:
+        await kv.run_script_async(
+            client, _ADD, [_counter_key(user_id, at.astimezone(UTC).date())], [int(tokens)]
+        )
+    except (redis.RedisError, OSError):
         log.warning("budget counter not updated: redis unavailable", user_id=user_id)
 
 

@@ -24,8 +24,8 @@ from minichat.validate import decode_cursor, encode_cursor
 
 __all__ = [
     "ASSISTANT_MAX_CHARS",
-    "add_answer",
     "add_message",
+    "answer_insert",
     "create_chat",
     "delete_chat",
     "get_chat",
@@ -227,13 +227,13 @@ def insert_message(
     return row
 
 
-def add_answer(conn: db.Conn, *, chat_id: str, generation_id: str, content: str) -> None:
-    """A generation's answer, under the message it answers whatever the chat shows by now, and the chat's
-    active leaf. Nothing is read back: on a pipeline it goes out with the statements around it. The
-    caller holds the chat's row lock, taken by an earlier statement (generations.finish)."""
-    conn.execute(
-        _INSERT_MESSAGE,
-        _message_params(chat_id=chat_id, role="assistant", content=content, generation_id=generation_id),
+def answer_insert(*, chat_id: str, generation_id: str, content: str) -> db.Statement:
+    """A generation's answer: under the message it answers whatever the chat shows by now, and the chat's
+    active leaf. The statement, for the caller's connection (sync or asyncio); nothing is read back, so on a
+    pipeline it goes out with the statements around it. The caller holds the chat's row lock, taken by an
+    earlier statement (generations.finish)."""
+    return _INSERT_MESSAGE, _message_params(
+        chat_id=chat_id, role="assistant", content=content, generation_id=generation_id
     )
 
 

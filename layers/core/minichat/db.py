@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import pq
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from minichat.config import get_settings
 from minichat.errors import InvalidToken, ServiceUnavailable
 
-__all__ = ["Conn", "after_commit", "batch", "close_pool", "get_pool", "read", "transaction"]
+__all__ = [
+    "AsyncConn",
+    "AsyncPool",
+    "Conn",
+    "Statement",
+    "after_commit",
+    "async_batch",
+    "async_pool",
+    "async_read",
+    "batch",
+    "close_pool",
+    "get_pool",
+    "read",
+    "transaction",
+]
 
 Conn = psycopg.Connection[dict[str, Any]]
+AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
+AsyncPool = AsyncConnectionPool[AsyncConn]
+# A statement and its parameters, for whichever connection runs it (sync or asyncio).
+Statement = tuple[str, Mapping[str, Any] | Sequence[Any]]
 
 _pool: ConnectionPool[Conn] | None = None
 _IDLE_CHECK_S = 2.0
@@ -150,27 +168,106 @@ def read() -> Iterator[Conn]:
         raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
 
 
+# Queued when a batch's block raises: it fails the pipeline's implicit transaction, so that the Sync rolls
+# back the statements queued before it instead of committing them.
+_ABANDON = "SELECT minichat_refuse('batch_abandoned')"
+
+
 @contextmanager
 def batch() -> Iterator[Conn]:
     """One transaction whose statements are sent together: one round trip for all of them.
 
-    The block queues statements (`conn.execute`) on a pipeline between BEGIN and COMMIT; nothing is sent
-    before its end, so results are read after it (a fetch inside would cost a round trip of its own).
-    At the first statement that fails, PostgreSQL skips the rest and the error is raised here after a
-    ROLLBACK (one more round trip, on that path only), as it is when the block itself raises before its
-    COMMIT was queued. after_commit() callbacks and error mapping as in transaction().
+    The block queues statements (`conn.execute`) on a pipeline; nothing is sent before its end, so results
+    are read after it (a fetch inside would cost a round trip of its own). No BEGIN and COMMIT: the
+    statements of a pipeline up to its Sync (sent at the block's end) run in one implicit transaction,
+    committed at the Sync. At the first statement that fails, PostgreSQL skips the rest and rolls the
+    transaction back; the error is raised here. When the block itself raises, a failing statement is
+    queued first, so that nothing it queued is committed. after_commit() callbacks and error mapping as in
+    transaction().
     """
     with _committing(), get_pool().connection() as conn:
-        conn.autocommit = True  # BEGIN and COMMIT are ours: psycopg would sync the pipeline after each
+        conn.autocommit = True  # the pipeline's implicit transaction is the transaction
         try:
             with conn.pipeline():
-                conn.execute("BEGIN")
-                yield conn
-                conn.execute("COMMIT")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute(_ABANDON)  # the Sync must not commit what the block queued
+                    raise
+        except BaseException:
+            # After a batch that failed (that path only), an empty transaction rolled back: psycopg takes
+            # statements the aborted pipeline skipped for prepared on their fifth use (their Parse never
+            # ran), and its rollback makes it forget them all. A broken connection: the pool drops it.
+            with contextlib.suppress(psycopg.Error), conn.transaction(force_rollback=True):
+                pass
+            raise
         finally:
-            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                # psycopg's own rollback: statements it took for prepared in the aborted pipeline
-                # may never have been (a statement before them failed); it forgets them all.
-                conn.rollback()
             conn.autocommit = False
             _last_used[id(conn)] = time.monotonic()
+
+
+# --- asyncio: the stream function's event loop ------------------------------------------------------------
+
+
+def async_pool() -> AsyncPool:
+    """A pool for one event loop's coroutines, sized like the process pool; the caller opens it in its
+    loop (`await pool.open(wait=False)`) and closes it. Its connections are in autocommit: a read is one
+    round trip, and async_batch sends its own BEGIN and COMMIT."""
+    settings = get_settings()
+    holder: list[AsyncPool] = []
+
+    async def check_if_idle(conn: AsyncConn) -> None:
+        if time.monotonic() - _last_used.get(id(conn), 0.0) > _IDLE_CHECK_S:
+            try:
+                await AsyncConnectionPool.check_connection(conn)
+            except Exception:
+                await holder[0].check()  # as _check_if_idle: the others are dead too
+                raise
+
+    pool: AsyncPool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        kwargs={"row_factory": dict_row, "connect_timeout": 3, "autocommit": True},
+        check=check_if_idle,
+        timeout=5,
+        name="minichat-async",
+        open=False,
+    )
+    holder.append(pool)
+    return pool
+
+
+@asynccontextmanager
+async def async_read(pool: AsyncPool) -> AsyncIterator[AsyncConn]:
+    """read(), on an event loop: statements that commit on their own, one round trip each."""
+    try:
+        async with pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                _last_used[id(conn)] = time.monotonic()
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
+
+
+@asynccontextmanager
+async def async_batch(pool: AsyncPool) -> AsyncIterator[AsyncConn]:
+    """batch(), on an event loop: one transaction whose statements are sent together, read after the
+    block. The after_commit() callbacks run on the loop, so they must not block."""
+    with _committing():
+        async with pool.connection() as conn:
+            try:
+                async with conn.pipeline():
+                    try:
+                        yield conn
+                    except BaseException:
+                        await conn.execute(_ABANDON)
+                        raise
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    async with conn.transaction(force_rollback=True):
+                        pass  # as in batch()
+                raise
+            finally:
+                _last_used[id(conn)] = time.monotonic()

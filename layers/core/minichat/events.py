@@ -14,7 +14,7 @@ deduplicates on eventId.
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import threading
 import time
@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg.types.json import Jsonb
 
-from minichat import budget
-from minichat.db import Conn, after_commit, transaction
+from minichat.db import Conn, Statement, after_commit, transaction
 from minichat.errors import ServiceUnavailable
 from minichat.event_schema import AUDIT_QUEUE, USAGE_QUEUE, AuditEvent, UsageEvent
 from minichat.log import get_logger
@@ -39,6 +38,7 @@ __all__ = [
     "AUDIT_QUEUE",
     "USAGE_QUEUE",
     "OutboxRelay",
+    "audit_insert",
     "close_relay",
     "get_relay",
     "publish_pending",
@@ -48,6 +48,7 @@ __all__ = [
     "relay_handler",
     "run_relay",
     "sweep",
+    "usage_insert",
 ]
 
 _commit_listener: Callable[[], None] | None = None
@@ -68,21 +69,30 @@ def _outbox_committed() -> None:
     from minichat.config import get_settings
 
     if get_settings().environment == "aws":
-        get_relay().publish_soon()
+        # On an event loop (the stream function's terminal commit) nothing may block: the publisher
+        # thread is asked and not waited for.
+        get_relay().publish_soon(wait=0.0 if _on_event_loop() else FAST_PATH_WAIT_S)
 
 
-def _enqueue(conn: Conn, queue: str, payload: dict[str, Any]) -> None:
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+_INSERT_OUTBOX = "INSERT INTO outbox (event_id, queue, payload) VALUES (%s, %s, %s)"
+
+
+def _outboxed(queue: str, payload: dict[str, Any]) -> Statement:
     after_commit(_outbox_committed)
-    conn.execute(
-        "INSERT INTO outbox (event_id, queue, payload) VALUES (%s, %s, %s)",
-        (payload["eventId"], queue, Jsonb(payload)),
-    )
+    return _INSERT_OUTBOX, (payload["eventId"], queue, Jsonb(payload))
 
 
-def record_audit(
-    conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
-) -> str:
-    """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
+def audit_insert(*, user_id: str | None, action: str, metadata: dict[str, Any] | None = None) -> Statement:
+    """The outbox insert of an audit event, for the caller's transaction (it runs it on its connection,
+    sync or asyncio)."""
     event = AuditEvent(
         event_id=uuid.uuid4(),
         user_id=uuid.UUID(str(user_id)) if user_id else None,
@@ -90,8 +100,39 @@ def record_audit(
         metadata=metadata or {},
         occurred_at=datetime.now(UTC),
     )
-    _enqueue(conn, AUDIT_QUEUE, event.payload())
-    return str(event.event_id)
+    return _outboxed(AUDIT_QUEUE, event.payload())
+
+
+def usage_insert(
+    *,
+    user_id: str,
+    generation_id: str,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    estimated: bool,
+) -> Statement:
+    """The outbox insert of a usage event, for the transaction that ends the generation."""
+    event = UsageEvent(
+        event_id=uuid.uuid4(),
+        user_id=uuid.UUID(str(user_id)),
+        generation_id=uuid.UUID(str(generation_id)),
+        model=model,
+        input_tokens=int(input_tokens),
+        output_tokens=int(output_tokens),
+        estimated=bool(estimated),
+        occurred_at=datetime.now(UTC),
+    )
+    return _outboxed(USAGE_QUEUE, event.payload())
+
+
+def record_audit(
+    conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
+) -> str:
+    """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
+    sql, params = audit_insert(user_id=user_id, action=action, metadata=metadata)
+    conn.execute(sql, params)
+    return str(params[0])
 
 
 def record_usage(
@@ -104,29 +145,18 @@ def record_usage(
     output_tokens: int,
     estimated: bool,
 ) -> str:
-    """Write a usage event to the outbox, in the transaction that ends the generation."""
-    event = UsageEvent(
-        event_id=uuid.uuid4(),
-        user_id=uuid.UUID(str(user_id)),
-        generation_id=uuid.UUID(str(generation_id)),
+    """Write a usage event to the outbox, in the transaction that ends the generation; returns its eventId.
+    (The daily budget's counter is the ending party's: generations.finish.)"""
+    sql, params = usage_insert(
+        user_id=user_id,
+        generation_id=generation_id,
         model=model,
-        input_tokens=int(input_tokens),
-        output_tokens=int(output_tokens),
-        estimated=bool(estimated),
-        occurred_at=datetime.now(UTC),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        estimated=estimated,
     )
-    _enqueue(conn, USAGE_QUEUE, event.payload())
-    # The daily budget's counter counts it once it is committed, before the user's lock is released (the
-    # caller's next step): the user's next create already sees it.
-    after_commit(
-        functools.partial(
-            budget.add_usage,
-            user_id=str(user_id),
-            tokens=event.input_tokens + event.output_tokens,
-            at=event.occurred_at,
-        )
-    )
-    return str(event.event_id)
+    conn.execute(sql, params)
+    return str(params[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,7 +212,8 @@ class OutboxRelay:
         self._closed = False
 
     def publish_soon(self, *, wait: float = FAST_PATH_WAIT_S) -> None:
-        """The fast path, in a request: publish on the publisher thread, waiting `wait` seconds at most.
+        """The fast path, in a request: publish on the publisher thread, waiting `wait` seconds at most
+        (0: not at all).
 
         Never raises. Does not wait at all while the relay backs off after a failure, or while the
         publisher is stuck on an earlier publish (a broker that stopped answering): the rows stay pending
@@ -202,6 +233,8 @@ class OutboxRelay:
             self._asked += 1
             ticket = self._asked
             self._handoff.notify_all()
+            if wait <= 0:
+                return  # asked, not waited for
             busy = self._busy_since
             if busy is not None and started - busy > wait:
                 return

@@ -7,17 +7,20 @@ exactly one winner.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
+import redis.asyncio
 from psycopg import errors as pg_errors
 
 from minichat import accounts, admission, auth, budget, buffer, db, events, kv, limits
-from minichat.chats import add_answer, owned_chat_for_update, path_segments, queue_prompt, refusal
+from minichat.chats import answer_insert, owned_chat_for_update, path_segments, queue_prompt, refusal
 from minichat.chats import delete_chat as _delete_chat_rows
 from minichat.config import get_settings
 from minichat.errors import (
@@ -413,7 +416,17 @@ def finish(
         _END, _end_params(generation, outcome, from_states=from_states, silent_for=silent_for)
     ).fetchone()
     if row is not None:
-        _record_end(conn, generation, outcome)
+        for sql, params in _end_writes(generation, outcome):
+            conn.execute(sql, params)
+        if outcome.input_tokens or outcome.output_tokens:
+            db.after_commit(
+                functools.partial(
+                    budget.add_usage,
+                    user_id=str(generation["user_id"]),
+                    tokens=outcome.input_tokens + outcome.output_tokens,
+                    at=datetime.now(UTC),
+                )
+            )
     return row
 
 
@@ -439,17 +452,17 @@ def _end_params(
     }
 
 
-def _record_end(conn: db.Conn, generation: Mapping[str, Any], outcome: Outcome) -> None:
-    """What follows the terminal transition in its transaction; queued without reading anything back, so
-    that on a pipeline (persist_terminal) it goes out with the transition."""
+def _end_writes(generation: Mapping[str, Any], outcome: Outcome) -> list[db.Statement]:
+    """What follows the terminal transition in its transaction (the answer, the usage and audit events),
+    as statements that read nothing back: on a pipeline (persist_terminal) they go out with it."""
     generation_id = str(generation["id"])
+    user_id = str(generation["user_id"])
+    writes: list[db.Statement] = []
     if outcome.text:
         chat_id = str(generation["chat_id"])
-        add_answer(conn, chat_id=chat_id, generation_id=generation_id, content=outcome.text)
-    user_id = str(generation["user_id"])
+        writes.append(answer_insert(chat_id=chat_id, generation_id=generation_id, content=outcome.text))
     if outcome.input_tokens or outcome.output_tokens:
-        events.record_usage(
-            conn,
+        usage = events.usage_insert(
             user_id=user_id,
             generation_id=generation_id,
             model=generation["model"],
@@ -457,15 +470,13 @@ def _record_end(conn: db.Conn, generation: Mapping[str, Any], outcome: Outcome) 
             output_tokens=outcome.output_tokens,
             estimated=outcome.estimated,
         )
+        writes.append(usage)
     metadata: dict[str, Any] = {"generationId": generation_id, "status": outcome.status}
     if outcome.error_code:
         metadata["errorCode"] = outcome.error_code
-    events.record_audit(
-        conn,
-        user_id=user_id,
-        action="generation.canceled" if outcome.status == "canceled" else "generation.finished",
-        metadata=metadata,
-    )
+    action = "generation.canceled" if outcome.status == "canceled" else "generation.finished"
+    writes.append(events.audit_insert(user_id=user_id, action=action, metadata=metadata))
+    return writes
 
 
 # The terminal transition. The chat's row lock first, as every writer of a chat's messages takes it
@@ -617,24 +628,27 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
     _delete_chat_rows(user_id=user_id, chat_id=chat_id)
 
 
-# --- the stream function's database work (run in its thread pool) ------------------------------------
+# --- the stream function's database work: the claim and the end on its event loop, the rest in its threads
 
 
-def open_for_stream(
-    *, generation_id: str, user_id: str
+async def open_for_stream(
+    pool: db.AsyncPool, *, generation_id: str, user_id: str
 ) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
     """Claim a queued generation (with its chat history), or just load it; NotFound for others' ids.
 
     One statement, one round trip (it commits on its own): the claim, the walk up its path when it
     claimed, and the row as it is when it did not (already claimed, or ended).
     """
-    with db.read() as conn:
-        row = conn.execute(
+    async with db.async_read(pool) as conn:
+        cursor = await conn.execute(
             _OPEN_FOR_STREAM, {"id": generation_id, "user_id": user_id, "limit": _HISTORY_LIMIT}
-        ).fetchone()
-        if row is None and conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
-            # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
-            raise InvalidToken("This account no longer exists.")
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            cursor = await conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
+            if await cursor.fetchone() is None:
+                # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
+                raise InvalidToken("This account no longer exists.")
     if row is None:
         raise NotFound("Generation not found.")
     history = row.pop("history")
@@ -662,37 +676,48 @@ _OPEN_FOR_STREAM = f"""
 """
 
 
-def persist_terminal(*, generation: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
+async def persist_terminal(
+    pool: db.AsyncPool, client: redis.asyncio.Redis, *, generation: Mapping[str, Any], outcome: Outcome
+) -> dict[str, Any]:
     """The run's terminal transaction (streaming → its outcome); the row as the database has it after.
 
-    One round trip: the transition, the answer and the events on one pipeline (db.batch). When another
-    party ended the generation first (the chat deleted, the reaper), the transition refuses, nothing is
-    written, and the row is read as that party left it.
+    One round trip: the transition, the answer and the events on one pipeline (db.async_batch). When
+    another party ended the generation first (the chat deleted, the reaper), the transition refuses,
+    nothing is written, and the row is read as that party left it. The usage then goes to the daily
+    budget's counter (`client`), before the caller releases the user's lock.
     """
     generation_id = str(generation["id"])
     try:
-        with db.batch() as conn:
+        async with db.async_batch(pool) as conn:
             params = _end_params(generation, outcome, from_states=("streaming",))
-            ended = conn.execute(_END_OR_REFUSE, params)
-            _record_end(conn, generation, outcome)
-        row = ended.fetchone()
+            ended = await conn.execute(_END_OR_REFUSE, params)
+            for sql, values in _end_writes(generation, outcome):
+                await conn.execute(sql, values)
+        row = await ended.fetchone()
     except pg_errors.RaiseException as exc:
         if exc.diag.constraint_name != "ended_elsewhere":
             raise
-        with db.read() as conn:
-            row = conn.execute(
-                f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,)
-            ).fetchone()
-    if row is None:  # the chat, and the generation with it, is gone
-        return {
-            "id": generation_id,
-            "status": "canceled",
-            "input_tokens": 0,
-            "output_tokens": 0,
-            "usage_estimated": True,
-            "error_code": None,
-            "error_message": None,
-        }
+        async with db.async_read(pool) as conn:
+            cursor = await conn.execute(f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,))
+            row = await cursor.fetchone()
+        if row is None:  # the chat, and the generation with it, is gone
+            return {
+                "id": generation_id,
+                "status": "canceled",
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "usage_estimated": True,
+                "error_code": None,
+                "error_message": None,
+            }
+        return row
+    assert row is not None
+    await budget.add_usage_async(
+        client,
+        user_id=str(generation["user_id"]),
+        tokens=outcome.input_tokens + outcome.output_tokens,
+        at=datetime.now(UTC),
+    )
     return row
 
 

@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 
 from minichat.config import get_settings
 
-__all__ = ["Script", "close_redis", "get_redis", "run_script"]
+__all__ = ["Script", "close_redis", "get_redis", "run_script", "run_script_async"]
 
 _client: redis.Redis | None = None
 _lock = threading.Lock()
@@ -88,3 +88,13 @@ def _evalsha(connection: Any, script: Script, keys: Sequence[str], args: Sequenc
     except NoScriptError:  # a Redis that never saw it, or restarted since
         connection.send_command("EVAL", script.text, len(keys), *keys, *args)
         return connection.read_response()
+
+
+async def run_script_async(
+    client: redis.asyncio.Redis, script: Script, keys: Sequence[str], args: Sequence[Any]
+) -> Any:
+    """Run a script with an asyncio client, by its SHA-1 once Redis knows it."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script.text, len(keys), *keys, *args)

@@ -8,7 +8,6 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from redis.exceptions import NoScriptError
 
 from minichat import kv
 from minichat.errors import ConfigError
@@ -347,13 +346,6 @@ def _streams_key(user_id: str) -> str:
     return f"user:{user_id}:streams"
 
 
-async def _run_async(client: redis.asyncio.Redis, script: kv.Script, keys: list[str], args: list[Any]) -> Any:
-    try:
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return await client.eval(script.text, len(keys), *keys, *args)
-
-
 async def open_stream_async(
     client: redis.asyncio.Redis,
     *,
@@ -365,14 +357,18 @@ async def open_stream_async(
 ) -> int:
     """Take one of the user's `limit` stream slots: 1 taken, 0 all in use, -1 `unless_exists` exists."""
     keys = [_streams_key(user_id), unless_exists]
-    return int(await _run_async(client, _OPEN_STREAM, keys, [connection_id, limit, lease_ms, "open"]))
+    return int(
+        await kv.run_script_async(client, _OPEN_STREAM, keys, [connection_id, limit, lease_ms, "open"])
+    )
 
 
 async def renew_stream_async(
     client: redis.asyncio.Redis, *, user_id: str, connection_id: str, lease_ms: int = STREAM_LEASE_MS
 ) -> None:
     """Extend an open connection's lease (it re-enters the set if it had lapsed)."""
-    await _run_async(client, _OPEN_STREAM, [_streams_key(user_id)], [connection_id, 0, lease_ms, "renew"])
+    await kv.run_script_async(
+        client, _OPEN_STREAM, [_streams_key(user_id)], [connection_id, 0, lease_ms, "renew"]
+    )
 
 
 async def close_stream_async(client: redis.asyncio.Redis, *, user_id: str, connection_id: str) -> None:
