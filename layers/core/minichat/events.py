@@ -38,9 +38,12 @@ __all__ = [
     "AUDIT_QUEUE",
     "USAGE_QUEUE",
     "OutboxRelay",
-    "audit_insert",
+    "Outboxed",
+    "audit_event",
     "close_relay",
     "get_relay",
+    "outbox_insert",
+    "outbox_rows",
     "publish_pending",
     "purge_published",
     "record_audit",
@@ -48,7 +51,7 @@ __all__ = [
     "relay_handler",
     "run_relay",
     "sweep",
-    "usage_insert",
+    "usage_event",
 ]
 
 _commit_listener: Callable[[], None] | None = None
@@ -84,15 +87,11 @@ def _on_event_loop() -> bool:
 
 _INSERT_OUTBOX = "INSERT INTO outbox (event_id, queue, payload) VALUES (%s, %s, %s)"
 
-
-def _outboxed(queue: str, payload: dict[str, Any]) -> Statement:
-    after_commit(_outbox_committed)
-    return _INSERT_OUTBOX, (payload["eventId"], queue, Jsonb(payload))
+Outboxed = tuple[str, dict[str, Any]]  # an event for the outbox: its queue and payload
 
 
-def audit_insert(*, user_id: str | None, action: str, metadata: dict[str, Any] | None = None) -> Statement:
-    """The outbox insert of an audit event, for the caller's transaction (it runs it on its connection,
-    sync or asyncio)."""
+def audit_event(*, user_id: str | None, action: str, metadata: dict[str, Any] | None = None) -> Outboxed:
+    """An audit event, validated, for the outbox."""
     event = AuditEvent(
         event_id=uuid.uuid4(),
         user_id=uuid.UUID(str(user_id)) if user_id else None,
@@ -100,10 +99,10 @@ def audit_insert(*, user_id: str | None, action: str, metadata: dict[str, Any] |
         metadata=metadata or {},
         occurred_at=datetime.now(UTC),
     )
-    return _outboxed(AUDIT_QUEUE, event.payload())
+    return AUDIT_QUEUE, event.payload()
 
 
-def usage_insert(
+def usage_event(
     *,
     user_id: str,
     generation_id: str,
@@ -111,8 +110,8 @@ def usage_insert(
     input_tokens: int,
     output_tokens: int,
     estimated: bool,
-) -> Statement:
-    """The outbox insert of a usage event, for the transaction that ends the generation."""
+) -> Outboxed:
+    """A usage event, validated, for the outbox (in the transaction that ends the generation)."""
     event = UsageEvent(
         event_id=uuid.uuid4(),
         user_id=uuid.UUID(str(user_id)),
@@ -123,14 +122,35 @@ def usage_insert(
         estimated=bool(estimated),
         occurred_at=datetime.now(UTC),
     )
-    return _outboxed(USAGE_QUEUE, event.payload())
+    return USAGE_QUEUE, event.payload()
+
+
+def outbox_insert(rows: str, *, when: str = "true") -> str:
+    """SQL: the outbox insert of the events in `rows` (an SQL expression: a jsonb array of
+    {"queue", "payload"}, as outbox_rows() makes it), if `when`; for a data-modifying CTE of a
+    statement that does more, so that the events cost no statement of their own."""
+    return f"""INSERT INTO outbox (event_id, queue, payload)
+        SELECT (e->'payload'->>'eventId')::uuid, e->>'queue', e->'payload'
+        FROM jsonb_array_elements({rows}) AS e WHERE {when}"""
+
+
+def outbox_rows(*events: Outboxed) -> Jsonb:
+    """The parameter of outbox_insert() for these events, in the caller's transaction (the relay is
+    woken once it has committed)."""
+    after_commit(_outbox_committed)
+    return Jsonb([{"queue": queue, "payload": payload} for queue, payload in events])
+
+
+def _outboxed(queue: str, payload: dict[str, Any]) -> Statement:
+    after_commit(_outbox_committed)
+    return _INSERT_OUTBOX, (payload["eventId"], queue, Jsonb(payload))
 
 
 def record_audit(
     conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
 ) -> str:
     """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
-    sql, params = audit_insert(user_id=user_id, action=action, metadata=metadata)
+    sql, params = _outboxed(*audit_event(user_id=user_id, action=action, metadata=metadata))
     conn.execute(sql, params)
     return str(params[0])
 
@@ -147,13 +167,15 @@ def record_usage(
 ) -> str:
     """Write a usage event to the outbox, in the transaction that ends the generation; returns its eventId.
     (The daily budget's counter is the ending party's: generations.finish.)"""
-    sql, params = usage_insert(
-        user_id=user_id,
-        generation_id=generation_id,
-        model=model,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        estimated=estimated,
+    sql, params = _outboxed(
+        *usage_event(
+            user_id=user_id,
+            generation_id=generation_id,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            estimated=estimated,
+        )
     )
     conn.execute(sql, params)
     return str(params[0])

@@ -416,8 +416,8 @@ def finish(
         _END, _end_params(generation, outcome, from_states=from_states, silent_for=silent_for)
     ).fetchone()
     if row is not None:
-        for sql, params in _end_writes(generation, outcome):
-            conn.execute(sql, params)
+        if outcome.text:
+            conn.execute(*_answer(generation, outcome))
         if outcome.input_tokens or outcome.output_tokens:
             db.after_commit(
                 functools.partial(
@@ -437,9 +437,28 @@ def _end_params(
     from_states: tuple[str, ...],
     silent_for: float | None = None,
 ) -> dict[str, Any]:
+    """The terminal statement's parameters: the transition and its usage and audit events."""
     assert outcome.status in TERMINAL
+    generation_id = str(generation["id"])
+    user_id = str(generation["user_id"])
+    outboxed: list[events.Outboxed] = []
+    if outcome.input_tokens or outcome.output_tokens:
+        usage = events.usage_event(
+            user_id=user_id,
+            generation_id=generation_id,
+            model=generation["model"],
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            estimated=outcome.estimated,
+        )
+        outboxed.append(usage)
+    metadata: dict[str, Any] = {"generationId": generation_id, "status": outcome.status}
+    if outcome.error_code:
+        metadata["errorCode"] = outcome.error_code
+    action = "generation.canceled" if outcome.status == "canceled" else "generation.finished"
+    outboxed.append(events.audit_event(user_id=user_id, action=action, metadata=metadata))
     return {
-        "id": str(generation["id"]),
+        "id": generation_id,
         "status": outcome.status,
         "input_tokens": outcome.input_tokens,
         "output_tokens": outcome.output_tokens,
@@ -449,38 +468,21 @@ def _end_params(
         "finish_reason": outcome.finish_reason if outcome.status == "succeeded" else None,
         "from_states": list(from_states),
         "silent_for": silent_for,
+        "outbox": events.outbox_rows(*outboxed),
     }
 
 
-def _end_writes(generation: Mapping[str, Any], outcome: Outcome) -> list[db.Statement]:
-    """What follows the terminal transition in its transaction (the answer, the usage and audit events),
-    as statements that read nothing back: on a pipeline (persist_terminal) they go out with it."""
-    generation_id = str(generation["id"])
-    user_id = str(generation["user_id"])
-    writes: list[db.Statement] = []
-    if outcome.text:
-        chat_id = str(generation["chat_id"])
-        writes.append(answer_insert(chat_id=chat_id, generation_id=generation_id, content=outcome.text))
-    if outcome.input_tokens or outcome.output_tokens:
-        usage = events.usage_insert(
-            user_id=user_id,
-            generation_id=generation_id,
-            model=generation["model"],
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
-            estimated=outcome.estimated,
-        )
-        writes.append(usage)
-    metadata: dict[str, Any] = {"generationId": generation_id, "status": outcome.status}
-    if outcome.error_code:
-        metadata["errorCode"] = outcome.error_code
-    action = "generation.canceled" if outcome.status == "canceled" else "generation.finished"
-    writes.append(events.audit_insert(user_id=user_id, action=action, metadata=metadata))
-    return writes
+def _answer(generation: Mapping[str, Any], outcome: Outcome) -> db.Statement:
+    """The answer's insert, the statement after the terminal one: it reads nothing back, so on a pipeline
+    (persist_terminal) it goes out with it."""
+    return answer_insert(
+        chat_id=str(generation["chat_id"]), generation_id=str(generation["id"]), content=outcome.text
+    )
 
 
-# The terminal transition. The chat's row lock first, as every writer of a chat's messages takes it
-# (chats.insert_message), and in this statement, before the answer's insert: no round trip of its own.
+# The terminal transition and its events. The chat's row lock first, as every writer of a chat's messages
+# takes it (chats.insert_message), and in this statement, before the answer's insert (a statement of its
+# own, whose snapshot sees every message committed before the lock was granted).
 _ENDED = f"""
     WITH chat AS (
         SELECT c.id FROM generations g JOIN chats c ON c.id = g.chat_id WHERE g.id = %(id)s FOR UPDATE OF c
@@ -493,6 +495,8 @@ _ENDED = f"""
           AND (%(silent_for)s::float8 IS NULL
                OR COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %(silent_for)s::float8))
         RETURNING {COLUMNS}
+    ), outboxed AS (
+        {events.outbox_insert("%(outbox)s::jsonb", when="EXISTS (SELECT 1 FROM ended)")}
     )"""
 _END = _ENDED + "\n    SELECT * FROM ended"
 # The same, refusing (minichat_refuse) when another party ended the generation first: on a pipeline, the
@@ -691,8 +695,8 @@ async def persist_terminal(
         async with db.async_batch(pool) as conn:
             params = _end_params(generation, outcome, from_states=("streaming",))
             ended = await conn.execute(_END_OR_REFUSE, params)
-            for sql, values in _end_writes(generation, outcome):
-                await conn.execute(sql, values)
+            if outcome.text:
+                await conn.execute(*_answer(generation, outcome))
         row = await ended.fetchone()
     except pg_errors.RaiseException as exc:
         if exc.diag.constraint_name != "ended_elsewhere":
