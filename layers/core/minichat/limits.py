@@ -35,20 +35,20 @@ __all__ = [
 LOCK_TTL_MS = 90_000
 
 # Delete only if the lock still holds our generation: a late release never frees someone else's.
-_RELEASE = """
+_RELEASE = kv.Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
 
 # Extend only our own lock, for the same reason.
-_RENEW = """
+_RENEW = kv.Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
+""")
 
 
 def inflight_key(user_id: str) -> str:
@@ -62,17 +62,17 @@ def inflight_holder(client: redis.Redis, user_id: str) -> str | None:
 
 def release_inflight(client: redis.Redis, *, user_id: str, generation_id: str) -> bool:
     """Compare-and-delete; True when the lock was ours and is gone."""
-    return bool(client.eval(_RELEASE, 1, inflight_key(user_id), generation_id))
+    return bool(client.eval(_RELEASE.text, 1, inflight_key(user_id), generation_id))
 
 
 async def release_inflight_async(client: redis.asyncio.Redis, *, user_id: str, generation_id: str) -> bool:
-    return bool(await client.eval(_RELEASE, 1, inflight_key(user_id), generation_id))
+    return bool(await kv.run_script_async(client, _RELEASE, [inflight_key(user_id)], [generation_id]))
 
 
 async def renew_inflight_async(
     client: redis.asyncio.Redis, *, user_id: str, generation_id: str, ttl_ms: int = LOCK_TTL_MS
 ) -> bool:
-    return bool(await client.eval(_RENEW, 1, inflight_key(user_id), generation_id, ttl_ms))
+    return bool(await kv.run_script_async(client, _RENEW, [inflight_key(user_id)], [generation_id, ttl_ms]))
 
 
 # --- rate limits (GCRA) -------------------------------------------------------------------------------
