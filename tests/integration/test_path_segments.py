@@ -212,7 +212,9 @@ def test_an_answer_landing_beside_a_new_message_starts_its_own_segment(
     thread.join(10)
     assert finished and finished[0]["status"] == "succeeded"
     # Its events went out with it, once: ending it again (a reaper, a second run) changes nothing.
-    events_sql = "SELECT payload->>'action' AS action FROM outbox WHERE payload->'metadata'->>'generationId' = %s"
+    events_sql = (
+        "SELECT payload->>'action' AS action FROM outbox WHERE payload->'metadata'->>'generationId' = %s"
+    )
     assert [r["action"] for r in conn.execute(events_sql, (generation,))] == ["generation.finished"]
     again = Outcome(status="failed", text="late", error_code="internal_error", error_message="x")
     if path == "pipeline":
