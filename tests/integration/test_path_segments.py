@@ -4,44 +4,26 @@ segment one chain when two messages land under one parent at once."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from minichat import db, generations
+from minichat import generations
 from minichat.chats import _LIST_PATH, insert_message, owned_chat_for_update
 from minichat.generations import Outcome
 from minichat.migrate import migrations_dir
-
-T = TypeVar("T")
 
 
 @pytest.fixture
 def tree_db(db: Any, database_url: str) -> Any:
     with psycopg.connect(database_url, row_factory=dict_row) as conn:
         yield conn
-
-
-def _on_loop(function: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-    """Run one of the stream function's coroutines on a loop of its own, with its own pool, as it runs."""
-
-    async def main() -> T:
-        pool = db.async_pool()
-        await pool.open(wait=True)
-        try:
-            return await function(pool, *args, **kwargs)
-        finally:
-            await pool.close()
-
-    return asyncio.run(main())
 
 
 def _user_and_chat(conn: psycopg.Connection[Any]) -> tuple[str, str]:
@@ -145,9 +127,9 @@ def test_any_leaf_of_a_random_tree_lists_its_path_and_the_model_sees_its_newest(
         assert generations.history(conn, generation) == history
         conn.commit()
         # The stream's claim walks the same path in its one statement; a second open only reads the row.
-        claimed, prompt = _on_loop(generations.open_for_stream, generation_id=generation, user_id=user_id)
+        claimed, prompt = generations.open_for_stream(generation_id=generation, user_id=user_id)
         assert prompt == history and claimed["status"] == "streaming" and str(claimed["id"]) == generation
-        again, none = _on_loop(generations.open_for_stream, generation_id=generation, user_id=user_id)
+        again, none = generations.open_for_stream(generation_id=generation, user_id=user_id)
         assert none is None and again == claimed
         monkeypatch.setattr(generations, "_HISTORY_LIMIT", 5)
         assert generations.history(conn, generation) == history[-5:]
@@ -197,7 +179,7 @@ def test_an_answer_landing_beside_a_new_message_starts_its_own_segment(
 
         def finish() -> None:
             if path == "pipeline":
-                finished.append(_on_loop(generations.persist_terminal, None, generation=row, outcome=outcome))
+                finished.append(generations.persist_terminal(generation=row, outcome=outcome))
                 return
             with psycopg.connect(database_url, row_factory=dict_row) as mine, mine.transaction():
                 finished.append(
@@ -218,10 +200,7 @@ def test_an_answer_landing_beside_a_new_message_starts_its_own_segment(
     assert [r["action"] for r in conn.execute(events_sql, (generation,))] == ["generation.finished"]
     again = Outcome(status="failed", text="late", error_code="internal_error", error_message="x")
     if path == "pipeline":
-        assert (
-            _on_loop(generations.persist_terminal, None, generation=row, outcome=again)["status"]
-            == "succeeded"
-        )
+        assert generations.persist_terminal(generation=row, outcome=again)["status"] == "succeeded"
     else:
         with conn.transaction():
             assert generations.finish(conn, generation=row, outcome=again, from_states=("streaming",)) is None

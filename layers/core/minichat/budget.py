@@ -19,14 +19,13 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import redis
-import redis.asyncio
 
 from minichat import db, kv
 from minichat.config import get_settings
 from minichat.limits import BudgetKeys
 from minichat.log import get_logger
 
-__all__ = ["FRESH_TTL_S", "add_usage", "add_usage_async", "keys", "today", "used_in_database", "used_today"]
+__all__ = ["FRESH_TTL_S", "add_usage", "keys", "today", "used_in_database", "used_today"]
 
 log = get_logger("minichat.budget")
 
@@ -80,18 +79,6 @@ def add_usage(*, user_id: str, tokens: int, at: datetime) -> None:
     try:
         kv.run_script(_ADD, [_counter_key(user_id, at.astimezone(UTC).date())], [int(tokens)])
     except redis.RedisError:
-        log.warning("budget counter not updated: redis unavailable", user_id=user_id)
-
-
-async def add_usage_async(client: redis.asyncio.Redis, *, user_id: str, tokens: int, at: datetime) -> None:
-    """add_usage(), with an asyncio client (the stream function's terminal commit)."""
-    if tokens <= 0 or not get_settings().daily_token_budget:
-        return
-    try:
-        await kv.run_script_async(
-            client, _ADD, [_counter_key(user_id, at.astimezone(UTC).date())], [int(tokens)]
-        )
-    except (redis.RedisError, OSError):
         log.warning("budget counter not updated: redis unavailable", user_id=user_id)
 
 

@@ -229,7 +229,7 @@ def insert_message(
 
 def answer_insert(*, chat_id: str, generation_id: str, content: str) -> db.Statement:
     """A generation's answer: under the message it answers whatever the chat shows by now, and the chat's
-    active leaf. The statement, for the caller's connection (sync or asyncio); nothing is read back, so on a
+    active leaf. The statement, for the caller's connection to run; nothing is read back, so on a
     pipeline it goes out with the statements around it. The caller holds the chat's row lock, taken by an
     earlier statement (generations.finish)."""
     return _INSERT_MESSAGE, _message_params(

@@ -6,27 +6,22 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from minichat.config import get_settings
 from minichat.errors import InvalidToken, ServiceUnavailable
 
 __all__ = [
-    "AsyncConn",
-    "AsyncPool",
     "Conn",
     "Statement",
     "after_commit",
-    "async_batch",
-    "async_pool",
-    "async_read",
     "batch",
     "close_pool",
     "get_pool",
@@ -35,9 +30,7 @@ __all__ = [
 ]
 
 Conn = psycopg.Connection[dict[str, Any]]
-AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
-AsyncPool = AsyncConnectionPool[AsyncConn]
-# A statement and its parameters, for whichever connection runs it (sync or asyncio).
+# A statement and its parameters, for the caller's connection to run.
 Statement = tuple[str, Mapping[str, Any] | Sequence[Any]]
 
 _pool: ConnectionPool[Conn] | None = None
@@ -204,70 +197,3 @@ def batch() -> Iterator[Conn]:
         finally:
             conn.autocommit = False
             _last_used[id(conn)] = time.monotonic()
-
-
-# --- asyncio: the stream function's event loop ------------------------------------------------------------
-
-
-def async_pool() -> AsyncPool:
-    """A pool for one event loop's coroutines, sized like the process pool; the caller opens it in its
-    loop (`await pool.open(wait=False)`) and closes it. Its connections are in autocommit: a read is one
-    round trip, and async_batch sends its own BEGIN and COMMIT."""
-    settings = get_settings()
-    holder: list[AsyncPool] = []
-
-    async def check_if_idle(conn: AsyncConn) -> None:
-        if time.monotonic() - _last_used.get(id(conn), 0.0) > _IDLE_CHECK_S:
-            try:
-                await AsyncConnectionPool.check_connection(conn)
-            except Exception:
-                await holder[0].check()  # as _check_if_idle: the others are dead too
-                raise
-
-    pool: AsyncPool = AsyncConnectionPool(
-        settings.database_url,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        kwargs={"row_factory": dict_row, "connect_timeout": 3, "autocommit": True},
-        check=check_if_idle,
-        timeout=5,
-        name="minichat-async",
-        open=False,
-    )
-    holder.append(pool)
-    return pool
-
-
-@asynccontextmanager
-async def async_read(pool: AsyncPool) -> AsyncIterator[AsyncConn]:
-    """read(), on an event loop: statements that commit on their own, one round trip each."""
-    try:
-        async with pool.connection() as conn:
-            try:
-                yield conn
-            finally:
-                _last_used[id(conn)] = time.monotonic()
-    except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise ServiceUnavailable("The database is unavailable; retry shortly.") from exc
-
-
-@asynccontextmanager
-async def async_batch(pool: AsyncPool) -> AsyncIterator[AsyncConn]:
-    """batch(), on an event loop: one transaction whose statements are sent together, read after the
-    block. The after_commit() callbacks run on the loop, so they must not block."""
-    with _committing():
-        async with pool.connection() as conn:
-            try:
-                async with conn.pipeline():
-                    try:
-                        yield conn
-                    except BaseException:
-                        await conn.execute(_ABANDON)
-                        raise
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    async with conn.transaction(force_rollback=True):
-                        pass  # as in batch()
-                raise
-            finally:
-                _last_used[id(conn)] = time.monotonic()

@@ -14,7 +14,6 @@ deduplicates on eventId.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -72,17 +71,7 @@ def _outbox_committed() -> None:
     from minichat.config import get_settings
 
     if get_settings().environment == "aws":
-        # On an event loop (the stream function's terminal commit) nothing may block: the publisher
-        # thread is asked and not waited for.
-        get_relay().publish_soon(wait=0.0 if _on_event_loop() else FAST_PATH_WAIT_S)
-
-
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+        get_relay().publish_soon()
 
 
 _INSERT_OUTBOX = "INSERT INTO outbox (event_id, queue, payload) VALUES (%s, %s, %s)"
@@ -234,8 +223,7 @@ class OutboxRelay:
         self._closed = False
 
     def publish_soon(self, *, wait: float = FAST_PATH_WAIT_S) -> None:
-        """The fast path, in a request: publish on the publisher thread, waiting `wait` seconds at most
-        (0: not at all).
+        """The fast path, in a request: publish on the publisher thread, waiting `wait` seconds at most.
 
         Never raises. Does not wait at all while the relay backs off after a failure, or while the
         publisher is stuck on an earlier publish (a broker that stopped answering): the rows stay pending
@@ -255,8 +243,6 @@ class OutboxRelay:
             self._asked += 1
             ticket = self._asked
             self._handoff.notify_all()
-            if wait <= 0:
-                return  # asked, not waited for
             busy = self._busy_since
             if busy is not None and started - busy > wait:
                 return

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-import redis.asyncio
 from psycopg import errors as pg_errors
 
 from minichat import accounts, admission, auth, budget, buffer, db, events, kv, limits
@@ -418,16 +417,22 @@ def finish(
     if row is not None:
         if outcome.text:
             conn.execute(*_answer(generation, outcome))
-        if outcome.input_tokens or outcome.output_tokens:
-            db.after_commit(
-                functools.partial(
-                    budget.add_usage,
-                    user_id=str(generation["user_id"]),
-                    tokens=outcome.input_tokens + outcome.output_tokens,
-                    at=datetime.now(UTC),
-                )
-            )
+        _count_in_budget(generation, outcome)
     return row
+
+
+def _count_in_budget(generation: Mapping[str, Any], outcome: Outcome) -> None:
+    """Once the end is committed, its usage goes to the daily budget's counter: before the caller releases
+    the user's lock, so that the user's next create counts it."""
+    if outcome.input_tokens or outcome.output_tokens:
+        db.after_commit(
+            functools.partial(
+                budget.add_usage,
+                user_id=str(generation["user_id"]),
+                tokens=outcome.input_tokens + outcome.output_tokens,
+                at=datetime.now(UTC),
+            )
+        )
 
 
 def _end_params(
@@ -632,27 +637,24 @@ def delete_chat(*, user_id: str, chat_id: str, wait_s: float = 2.0) -> None:
     _delete_chat_rows(user_id=user_id, chat_id=chat_id)
 
 
-# --- the stream function's database work: the claim and the end on its event loop, the rest in its threads
+# --- the stream function's database work (run in its thread pool) ------------------------------------
 
 
-async def open_for_stream(
-    pool: db.AsyncPool, *, generation_id: str, user_id: str
+def open_for_stream(
+    *, generation_id: str, user_id: str
 ) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
     """Claim a queued generation (with its chat history), or just load it; NotFound for others' ids.
 
     One statement, one round trip (it commits on its own): the claim, the walk up its path when it
     claimed, and the row as it is when it did not (already claimed, or ended).
     """
-    async with db.async_read(pool) as conn:
-        cursor = await conn.execute(
+    with db.read() as conn:
+        row = conn.execute(
             _OPEN_FOR_STREAM, {"id": generation_id, "user_id": user_id, "limit": _HISTORY_LIMIT}
-        )
-        row = await cursor.fetchone()
-        if row is None:
-            cursor = await conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
-            if await cursor.fetchone() is None:
-                # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
-                raise InvalidToken("This account no longer exists.")
+        ).fetchone()
+        if row is None and conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is None:
+            # A ticket or token of a deleted account (its Redis marker lost): refused, as SPEC §7.4 says.
+            raise InvalidToken("This account no longer exists.")
     if row is None:
         raise NotFound("Generation not found.")
     history = row.pop("history")
@@ -680,48 +682,38 @@ _OPEN_FOR_STREAM = f"""
 """
 
 
-async def persist_terminal(
-    pool: db.AsyncPool, client: redis.asyncio.Redis, *, generation: Mapping[str, Any], outcome: Outcome
-) -> dict[str, Any]:
+def persist_terminal(*, generation: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
     """The run's terminal transaction (streaming → its outcome); the row as the database has it after.
 
-    One round trip: the transition, the answer and the events on one pipeline (db.async_batch). When
+    One round trip: the transition with its events, then the answer, on one pipeline (db.batch). When
     another party ended the generation first (the chat deleted, the reaper), the transition refuses,
-    nothing is written, and the row is read as that party left it. The usage then goes to the daily
-    budget's counter (`client`), before the caller releases the user's lock.
+    nothing is written, and the row is read as that party left it.
     """
     generation_id = str(generation["id"])
     try:
-        async with db.async_batch(pool) as conn:
-            params = _end_params(generation, outcome, from_states=("streaming",))
-            ended = await conn.execute(_END_OR_REFUSE, params)
+        with db.batch() as conn:
+            ended = conn.execute(_END_OR_REFUSE, _end_params(generation, outcome, from_states=("streaming",)))
             if outcome.text:
-                await conn.execute(*_answer(generation, outcome))
-        row = await ended.fetchone()
+                conn.execute(*_answer(generation, outcome))
+            _count_in_budget(generation, outcome)
+        row = ended.fetchone()
     except pg_errors.RaiseException as exc:
         if exc.diag.constraint_name != "ended_elsewhere":
             raise
-        async with db.async_read(pool) as conn:
-            cursor = await conn.execute(f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,))
-            row = await cursor.fetchone()
-        if row is None:  # the chat, and the generation with it, is gone
-            return {
-                "id": generation_id,
-                "status": "canceled",
-                "input_tokens": 0,
-                "output_tokens": 0,
-                "usage_estimated": True,
-                "error_code": None,
-                "error_message": None,
-            }
-        return row
-    assert row is not None
-    await budget.add_usage_async(
-        client,
-        user_id=str(generation["user_id"]),
-        tokens=outcome.input_tokens + outcome.output_tokens,
-        at=datetime.now(UTC),
-    )
+        with db.read() as conn:
+            row = conn.execute(
+                f"SELECT {COLUMNS} FROM generations WHERE id = %s", (generation_id,)
+            ).fetchone()
+    if row is None:  # the chat, and the generation with it, is gone
+        return {
+            "id": generation_id,
+            "status": "canceled",
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "usage_estimated": True,
+            "error_code": None,
+            "error_message": None,
+        }
     return row
 
 

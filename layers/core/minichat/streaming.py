@@ -9,9 +9,8 @@ One `Engine` per process owns:
 - the cancel listener (Redis pub/sub; a cancel reaches the run within milliseconds), a supervisor tick
   (idle timeouts, readers' pings) and the keep-alive (the database heartbeat, which never waits on Redis,
   then lock renewal and a cancel-flag poll in case a pub/sub message is lost).
-The claim and the terminal commit, once per stream, run on the event loop (psycopg's asyncio connections:
-no thread hop, no wait for a thread in a burst); the rest of the database work (heartbeats, status checks)
-runs in a small thread pool through the same synchronous core functions the API uses.
+Database work runs in a small thread pool through the same synchronous core functions the API uses (on
+the event loop, psycopg's asyncio connections measured worse under load: see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any, TypeVar
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from minichat import buffer, db, generations, limits
+from minichat import buffer, generations, limits
 from minichat.chats import ASSISTANT_MAX_CHARS, repair_text
 from minichat.config import Settings
 from minichat.errors import (
@@ -113,12 +112,12 @@ class Engine:
         # preload: the stream function pays the openai import at cold start, not on its first stream.
         self.registry = registry or ProviderRegistry.from_settings(settings, preload=True)
         self.runs: dict[str, Run] = {}
-        # Heartbeats and status checks; more threads would only share the GIL with the event loop.
+        # Claims and terminal commits are mostly waits on PostgreSQL; a few threads overlap them. More
+        # would only share the GIL with the event loop, and a burst of stream opens would all finish late.
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="minichat-db")
         self._redis: redis.asyncio.Redis | None = None
         self._readers: redis.asyncio.Redis | None = None
         self._buffer: buffer.Writer | None = None
-        self._pool: db.AsyncPool | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -147,8 +146,6 @@ class Engine:
             driver_info=None,
         )
         self._buffer = buffer.Writer(self._redis, ttl=self.settings.stream_buffer_ttl)
-        self._pool = db.async_pool()
-        await self._pool.open(wait=False)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._buffer.run(), name="minichat-buffer-writer"),
@@ -176,18 +173,10 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.registry.aclose()
-        if self._pool is not None:
-            await self._pool.close()
         for client in (self._redis, self._readers):
             if client is not None:
                 await client.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def pool(self) -> db.AsyncPool:
-        """The claims' and terminal commits' connections, on this loop."""
-        assert self._pool is not None, "Engine.start() was not called"
-        return self._pool
 
     @property
     def redis(self) -> redis.asyncio.Redis:
@@ -207,8 +196,8 @@ class Engine:
             if str(run.row["user_id"]) != user_id:
                 raise NotFound("Generation not found.")
             return Opened(row=run.row, started_here=False)
-        row, history = await generations.open_for_stream(
-            self.pool, generation_id=generation_id, user_id=user_id
+        row, history = await self._in_thread(
+            generations.open_for_stream, generation_id=generation_id, user_id=user_id
         )
         if history is None:
             return Opened(row=row, started_here=False)
@@ -393,8 +382,8 @@ class Engine:
         deadline = time.monotonic() + 300
         while True:
             try:
-                return await generations.persist_terminal(
-                    self.pool, self.redis, generation=run.row, outcome=outcome
+                return await self._in_thread(
+                    generations.persist_terminal, generation=run.row, outcome=outcome
                 )
             except ServiceUnavailable:
                 if time.monotonic() > deadline:
