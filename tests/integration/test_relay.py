@@ -26,7 +26,7 @@ from minichat.broker import QUEUES, connection_parameters, dead_letter_queue
 from minichat.config import get_settings, set_settings
 from minichat.db import transaction
 from minichat.errors import ServiceUnavailable
-from minichat.events import AUDIT_QUEUE, USAGE_QUEUE, OutboxRelay, record_audit, record_usage
+from minichat.events import AUDIT_QUEUE, USAGE_QUEUE, OutboxRelay, record, record_audit, usage_event
 from minichat.usage import decode_mq_event
 from minichat_local.consumer import Consumer
 from minichat_local.functions import load_function
@@ -70,14 +70,16 @@ def write_usage(count: int, *, user_ids: list[str] | None = None) -> list[str]:
         with transaction() as conn:
             user = user_ids[i % len(user_ids)] if user_ids else str(uuid.uuid4())
             ids.append(
-                record_usage(
+                record(
                     conn,
-                    user_id=user,
-                    generation_id=str(uuid.uuid4()),
-                    model="mock-echo",
-                    input_tokens=i,
-                    output_tokens=1,
-                    estimated=False,
+                    usage_event(
+                        user_id=user,
+                        generation_id=str(uuid.uuid4()),
+                        model="mock-echo",
+                        input_tokens=i,
+                        output_tokens=1,
+                        estimated=False,
+                    ),
                 )
             )
     return ids
@@ -154,14 +156,16 @@ def test_relay_reopens_a_connection_the_broker_closed(broker_url: str, db: psyco
 def test_two_relays_at_once_never_publish_an_event_twice(broker_url: str, db: psycopg.Connection) -> None:
     with transaction() as conn:
         ids = [
-            record_usage(
+            record(
                 conn,
-                user_id=str(uuid.uuid4()),
-                generation_id=str(uuid.uuid4()),
-                model="m",
-                input_tokens=1,
-                output_tokens=1,
-                estimated=False,
+                usage_event(
+                    user_id=str(uuid.uuid4()),
+                    generation_id=str(uuid.uuid4()),
+                    model="m",
+                    input_tokens=1,
+                    output_tokens=1,
+                    estimated=False,
+                ),
             )
             for _ in range(1500)
         ]

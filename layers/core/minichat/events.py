@@ -1,8 +1,9 @@
 """Outbox and the publisher (confirms). The events' shapes are minichat.event_schema's.
 
 Events are rows in `outbox`, written in the transaction of the change they describe (record_audit,
-record_usage). The relay publishes pending rows to RabbitMQ with publisher confirms and marks them
-published only after the broker confirmed them, so a broker outage delays events and never loses one:
+record; a generation's end writes its own in its terminal statement, outbox_insert). The relay publishes
+pending rows to RabbitMQ with publisher confirms and marks them published only after the broker confirmed
+them, so a broker outage delays events and never loses one:
 - the fast path right after a commit: local mode wakes its relay thread; on Lambda `publish_soon()` hands
   the publish to the process's publisher thread and waits for it briefly (FAST_PATH_WAIT_S at most), so a
   broker that is down, or silent, never costs a request more than that; after a failure the process backs
@@ -45,8 +46,8 @@ __all__ = [
     "outbox_rows",
     "publish_pending",
     "purge_published",
+    "record",
     "record_audit",
-    "record_usage",
     "relay_handler",
     "run_relay",
     "sweep",
@@ -135,39 +136,18 @@ def _outboxed(queue: str, payload: dict[str, Any]) -> Statement:
     return _INSERT_OUTBOX, (payload["eventId"], queue, Jsonb(payload))
 
 
+def record(conn: Conn, event: Outboxed) -> str:
+    """Write an event (audit_event, usage_event) to the outbox, in the caller's transaction; its eventId."""
+    sql, params = _outboxed(*event)
+    conn.execute(sql, params)
+    return str(params[0])
+
+
 def record_audit(
     conn: Conn, *, user_id: str | None, action: str, metadata: dict[str, Any] | None = None
 ) -> str:
     """Write an audit event to the outbox, in the caller's transaction; returns its eventId."""
-    sql, params = _outboxed(*audit_event(user_id=user_id, action=action, metadata=metadata))
-    conn.execute(sql, params)
-    return str(params[0])
-
-
-def record_usage(
-    conn: Conn,
-    *,
-    user_id: str,
-    generation_id: str,
-    model: str,
-    input_tokens: int,
-    output_tokens: int,
-    estimated: bool,
-) -> str:
-    """Write a usage event to the outbox, in the transaction that ends the generation; returns its eventId.
-    (The daily budget's counter is the ending party's: generations.finish.)"""
-    sql, params = _outboxed(
-        *usage_event(
-            user_id=user_id,
-            generation_id=generation_id,
-            model=model,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            estimated=estimated,
-        )
-    )
-    conn.execute(sql, params)
-    return str(params[0])
+    return record(conn, audit_event(user_id=user_id, action=action, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------
