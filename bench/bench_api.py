@@ -35,7 +35,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -488,17 +487,13 @@ def import_profile(runs: int) -> tuple[ImportProfile, list[float]]:
     env = server_env()
     profiles: list[ImportProfile] = []
     for _ in range(runs):
-        done = subprocess.run(
+        done = benchlib.run_checked(
             [sys.executable, "-X", "importtime", "-c", "import app"],
+            "`import app`",
             cwd=ROOT / "functions" / "api",
             env=env,
-            capture_output=True,
-            text=True,
             timeout=60,
-            check=False,
         )
-        if done.returncode != 0:
-            raise BenchError(f"`import app` failed:\n{done.stderr[-2000:]}")
         profiles.append(_parse_importtime(done.stderr))
     best = min(profiles, key=lambda p: p.app_ms)
     return best, [p.app_ms for p in profiles]

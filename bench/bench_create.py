@@ -108,17 +108,13 @@ def tree_env(tree: Path, **extra: str) -> dict[str, str]:
 def count_round_trips(side: Side) -> None:
     for label, budget in (("budget", str(BUDGET)), ("no budget", "0")):
         reset_services()
-        done = subprocess.run(
+        done = benchlib.run_checked(
             [sys.executable, __file__, "--count-round-trips"],
+            f"counting {side.name}'s round trips",
             cwd=side.tree,
             env=tree_env(side.tree, MINICHAT_DAILY_TOKEN_BUDGET=budget, MINICHAT_ENV="test"),
-            capture_output=True,
-            text=True,
             timeout=180,
-            check=False,
         )
-        if done.returncode != 0:
-            raise BenchError(f"counting {side.name}'s round trips failed:\n{done.stderr[-3000:]}")
         side.round_trips[label] = json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -33,6 +33,16 @@ class BenchError(Exception):
     """The run cannot give figures (a server died, an unexpected reply): exit non-zero."""
 
 
+def run_checked(
+    argv: list[str], what: str, *, timeout: float, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run `argv` to its end (text output captured); BenchError with the end of its stderr if it fails."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **options)
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
 def cpu_probe() -> float:
     """Milliseconds of a fixed pure-Python loop, best of 3: how fast this machine runs right now.
 
