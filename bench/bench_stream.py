@@ -157,8 +157,14 @@ class Cpu:
     background: float = 0.0  # the supervisor process (relay, consumer, reaper) when workers serve
     stub: float = 0.0
     client: float = 0.0
-    services: float = 0.0
+    pg: float = 0.0
+    redis: float = 0.0
+    mq: float = 0.0
     others: float = 0.0
+
+    @property
+    def services(self) -> float:
+        return self.pg + self.redis + self.mq
 
 
 class CpuMeter:
@@ -167,7 +173,7 @@ class CpuMeter:
     def __init__(self, server_pid: int, stub_pid: int) -> None:
         self.server_pid = server_pid
         self.stub_pid = stub_pid
-        self._kinds: dict[int, str] = {}  # pid → "pg" | "service" | "" (by command line, read once)
+        self._kinds: dict[int, str] = {}  # pid → "pg" | "redis" | "mq" | "" (by command line, read once)
 
     def _kind(self, pid: int) -> str:
         kind = self._kinds.get(pid)
@@ -179,8 +185,10 @@ class CpuMeter:
                 title = b""
             if title.startswith(b"postgres: ") and f" {BENCH_DB} ".encode() in title:
                 kind = "pg"
-            elif title.startswith(b"redis-server") or b"beam.smp" in title:
-                kind = "service"
+            elif title.startswith(b"redis-server"):
+                kind = "redis"
+            elif b"beam.smp" in title:
+                kind = "mq"
             else:
                 kind = ""
             self._kinds[pid] = kind
@@ -188,7 +196,8 @@ class CpuMeter:
 
     def _read(self) -> tuple[float, ...]:
         wall = time.perf_counter()
-        server = loop = services = supervisor = 0.0
+        server = loop = supervisor = 0.0
+        services = {"pg": 0.0, "redis": 0.0, "mq": 0.0}
         serving: list[int] = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -203,8 +212,8 @@ class CpuMeter:
                         serving.append(pid)
                     else:
                         supervisor = cpu
-                elif self._kind(pid):
-                    services += cpu
+                elif kind := self._kind(pid):
+                    services[kind] += cpu
             except (OSError, ValueError, IndexError):
                 continue  # exited meanwhile
         for pid in serving or [self.server_pid]:
@@ -212,7 +221,8 @@ class CpuMeter:
                 loop += thread_cpu(pid)
         background = supervisor if serving else 0.0
         stub = _stat(self.stub_pid)[1]
-        return wall, server, loop, background, stub, time.process_time(), services, system_busy()
+        pg, redis, mq = services.values()
+        return wall, server, loop, background, stub, time.process_time(), pg, redis, mq, system_busy()
 
     @contextlib.asynccontextmanager
     async def phase(self, cpu: Cpu) -> Any:
@@ -221,11 +231,13 @@ class CpuMeter:
             yield cpu
         finally:
             end = self._read()
-            wall, srv, loop, bg, stub, cli, services, busy = (b - a for a, b in zip(start, end, strict=True))
+            wall, srv, loop, bg, stub, cli, pg, redis, mq, busy = (
+                b - a for a, b in zip(start, end, strict=True)
+            )
             cpu.wall, cpu.server, cpu.server_loop, cpu.stub, cpu.client = wall, srv, loop, stub, cli
             cpu.background = bg
-            cpu.services = services
-            cpu.others = max(0.0, busy - srv - stub - cli - services)
+            cpu.pg, cpu.redis, cpu.mq = pg, redis, mq
+            cpu.others = max(0.0, busy - srv - stub - cli - cpu.services)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -955,13 +967,13 @@ def render(report: Report) -> tuple[str, bool]:
     )
     out(
         f"  {'phase':22}{'wall s':>7}{'server':>8}{'loop':>7}{'bgnd':>7}{'stub':>7}{'client':>7}"
-        f"{'pg+redis+mq':>12}{'others':>7}   (CPU seconds)"
+        f"{'pg':>6}{'redis':>6}{'mq':>6}{'others':>7}   (CPU seconds)"
     )
 
     def cpu_row(name: str, cpu: Cpu) -> None:
         out(
             f"  {name:22}{cpu.wall:>7.2f}{cpu.server:>8.2f}{cpu.server_loop:>7.2f}{cpu.background:>7.2f}"
-            f"{cpu.stub:>7.2f}{cpu.client:>7.2f}{cpu.services:>12.2f}{cpu.others:>7.2f}"
+            f"{cpu.stub:>7.2f}{cpu.client:>7.2f}{cpu.pg:>6.2f}{cpu.redis:>6.2f}{cpu.mq:>6.2f}{cpu.others:>7.2f}"
         )
 
     for r in report.rounds:
