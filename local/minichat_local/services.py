@@ -54,6 +54,7 @@ class Background:
         # A commit that wrote outbox rows wakes the relay at once (the fast path); the timer sweeps the rest.
         events.set_commit_listener(self._wake.set)
         self._threads = [
+            threading.Thread(target=self._forward_pokes, name="minichat-relay-wake", daemon=True),
             threading.Thread(
                 target=events.run_relay,
                 args=(self._stop,),

@@ -30,6 +30,7 @@ from minichat.events import AUDIT_QUEUE, USAGE_QUEUE, OutboxRelay, record, recor
 from minichat.usage import decode_mq_event
 from minichat_local.consumer import Consumer
 from minichat_local.functions import load_function
+from minichat_local.services import Background
 
 
 @pytest.fixture
@@ -215,6 +216,32 @@ def test_a_message_a_queue_refuses_stays_pending_until_it_is_taken(
     assert set(p.message_id for p, _ in drain(broker_url, AUDIT_QUEUE)) == set(audit_ids)
     assert set(p.message_id for p, _ in drain(broker_url, USAGE_QUEUE)) == set(usage_ids)
     relay.close()
+
+
+def test_a_worker_process_commit_wakes_the_supervisor_relay(
+    broker_url: str, db: psycopg.Connection, database_url: str
+) -> None:
+    """Local mode with worker processes: a worker's commit with events pokes the supervisor through a
+    pipe, and the relay publishes at once, not on its timer (here a minute)."""
+    background = Background(relay_interval=60.0)
+    background.start()
+    try:
+        time.sleep(0.3)  # the first sweep (at start) is done
+        # The row as a worker process commits it: on its own connection, which wakes nobody here.
+        with psycopg.connect(database_url, autocommit=True) as other:
+            event_id = str(uuid.uuid4())
+            other.execute(
+                "INSERT INTO outbox (event_id, queue, payload) VALUES (%s, %s, '{}'::jsonb)",
+                (event_id, AUDIT_QUEUE),
+            )
+        background._poke()  # what a worker's commit listener does (Background.in_worker)
+        deadline = time.monotonic() + 5
+        while pending(db) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pending(db) == 0
+        assert time.monotonic() < deadline - 4  # within a second, not the timer's minute
+    finally:
+        background.stop()
 
 
 def test_two_relays_at_once_never_publish_an_event_twice(broker_url: str, db: psycopg.Connection) -> None:
