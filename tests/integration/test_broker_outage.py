@@ -27,6 +27,8 @@ from helpers import Account, Api, EventStream
 from minichat import events
 from minichat.broker import QUEUES
 from minichat.config import get_settings, set_settings
+from minichat.db import transaction
+from minichat.errors import ServiceUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +235,38 @@ def test_after_a_failure_the_process_skips_the_broker_for_a_while(db: psycopg.Co
         relay.close()
     assert elapsed_ms < 50, elapsed_ms
     assert time.monotonic() < relay._retry_at  # still backing off
+
+
+@pytest.mark.usefixtures("_empty_topology")
+def test_a_batch_the_broker_never_confirms_fails_in_time_and_stays_pending(
+    db: psycopg.Connection, broker_vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's connection goes silent between two batches: the next batch's confirms never come. The
+    publish gives up after the confirm deadline (not the socket's or heartbeats' tens of seconds), its
+    rows stay pending, and a new connection delivers them."""
+    monkeypatch.setattr(events, "_CONFIRM_TIMEOUT_S", 0.5)
+    path = BrokerPath()
+    vhost = broker_vhost.rsplit("/", 1)[1]
+    relay = events.OutboxRelay(url=f"amqp://guest:guest@127.0.0.1:{path.port}/{vhost}", min_backoff=0.05)
+    try:
+        with transaction() as conn:
+            first = events.record_audit(conn, user_id=None, action="user.login_failed", metadata={})
+        assert relay.sweep() == 1
+        path.go_silent()
+        with transaction() as conn:
+            second = events.record_audit(conn, user_id=None, action="user.login_failed", metadata={})
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            relay.sweep()
+        assert time.monotonic() - started < 3.0  # the deadline, and a second to close
+        assert db.execute(
+            "SELECT published_at IS NULL FROM outbox WHERE event_id = %s", (second,)
+        ).fetchone() == (True,)
+        path.restore()
+        time.sleep(0.1)  # the back-off
+        assert relay.sweep() == 1
+    finally:
+        relay.close()
+        path.close()
+    delivered = [p.message_id for p, _ in drain(broker_vhost, "audit_event")]
+    assert delivered[0] == first and second in delivered

@@ -2,8 +2,9 @@
 
 Events are rows in `outbox`, written in the transaction of the change they describe (record_audit,
 record; a generation's end writes its own in its terminal statement, outbox_insert). The relay publishes
-pending rows to RabbitMQ with publisher confirms and marks them published only after the broker confirmed
-them, so a broker outage delays events and never loses one:
+pending rows to RabbitMQ with publisher confirms (a batch's messages sent together, their confirms awaited
+together: broker.Publisher) and marks them published only after the broker confirmed them, so a broker
+outage delays events and never loses one:
 - the fast path right after a commit: local mode wakes its relay thread; on Lambda `publish_soon()` hands
   the publish to the process's publisher thread and waits for it briefly (FAST_PATH_WAIT_S at most), so a
   broker that is down, or silent, never costs a request more than that; after a failure the process backs
@@ -32,7 +33,8 @@ from minichat.log import get_logger
 
 if TYPE_CHECKING:
     import pika
-    from pika.adapters.blocking_connection import BlockingChannel
+
+    from minichat.broker import Publisher
 
 __all__ = [
     "AUDIT_QUEUE",
@@ -171,6 +173,9 @@ FAST_PATH_WAIT_S = 0.05
 # Connecting gives up after this (unless RABBITMQ_URL says otherwise): a broker that drops packets is
 # found out fast, and the process backs off instead of trying again on every commit.
 _CONNECT_TIMEOUTS = {"socket_timeout": 1.0, "stack_timeout": 2.0}
+# A batch whose confirms do not all come back within this fails (its rows stay pending); the connection
+# is dropped. RabbitMQ confirms a batch of hundreds in a few ms.
+_CONFIRM_TIMEOUT_S = 10.0
 # A transaction left waiting on a silent broker (or a Lambda frozen mid-publish) holds its rows' locks:
 # PostgreSQL ends it after this, and the rows are free for the next publish.
 _IDLE_IN_TRANSACTION_MS = 30_000
@@ -190,8 +195,7 @@ class OutboxRelay:
         self._max_backoff = max_backoff
         self._backoff = min_backoff
         self._retry_at = 0.0
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._connection: Publisher | None = None
         self._lock = threading.Lock()
         self._wanted = False
         # publish_soon's hand-off to the publisher thread: requests asked, requests answered.
@@ -308,83 +312,85 @@ class OutboxRelay:
 
     def _publish_batch(self, limit: int) -> int:
         import pika
-        import pika.exceptions
 
         from minichat.broker import BrokerUnavailable
 
-        channel = self._ensure_channel()
-        published: list[int] = []
-        failure: Exception | None = None
+        publisher = self._ensure_publisher()
+        taken = 0
         with transaction() as conn:
             conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {_IDLE_IN_TRANSACTION_MS}")
             rows = conn.execute(_CLAIM_SQL, (limit,)).fetchall()
-            for row in rows:
-                properties = pika.BasicProperties(
-                    content_type="application/json",
-                    delivery_mode=2,  # persistent
-                    message_id=str(row["event_id"]),
-                    timestamp=int(row["created_at"].timestamp()),
-                    app_id="minichat",
+            if not rows:
+                return 0
+            messages = [
+                (
+                    row["queue"],
+                    json.dumps(row["payload"], separators=(",", ":"), ensure_ascii=False).encode(),
+                    pika.BasicProperties(
+                        content_type="application/json",
+                        delivery_mode=2,  # persistent
+                        message_id=str(row["event_id"]),
+                        timestamp=int(row["created_at"].timestamp()),
+                        app_id="minichat",
+                    ),
                 )
-                body = json.dumps(row["payload"], separators=(",", ":"), ensure_ascii=False).encode()
-                try:
-                    # Blocks until the broker confirms (ack) or refuses (nack, unroutable).
-                    channel.basic_publish("", row["queue"], body, properties, mandatory=True)
-                except (pika.exceptions.AMQPError, OSError) as exc:
-                    failure = exc
-                    break
-                published.append(row["id"])
-            if published:
-                # Only what the broker confirmed; the rest stays pending for the next attempt.
-                conn.execute(_MARK_SQL, (published,))
-        if published:
-            log.info("outbox published", count=len(published), last_id=published[-1])
-        if failure is not None:
+                for row in rows
+            ]
+            # The batch goes out at once, its confirms come back together. Only what the broker
+            # confirmed, up to the first message it did not take, is marked; the rest stays pending.
+            taken = publisher.publish(messages)
+            if taken:
+                conn.execute(_MARK_SQL, ([row["id"] for row in rows[:taken]],))
+        if taken:
+            log.info("outbox published", count=taken, last_id=rows[taken - 1]["id"])
+        if taken < len(rows):
+            failure = publisher.error
             self._drop_connection()
             self._back_off(time.monotonic())
             raise BrokerUnavailable() from failure
-        return len(published)
+        return taken
 
-    def _ensure_channel(self) -> BlockingChannel:
+    def _ensure_publisher(self) -> Publisher:
         import pika.exceptions
 
         from minichat import broker
 
-        if self._connection is not None and self._channel is not None:
-            try:
-                # Answers heartbeats and notices a connection the broker closed while we were idle.
-                self._connection.process_data_events(0)
-                if self._channel.is_open:
-                    return self._channel
-            except (pika.exceptions.AMQPError, OSError):
-                log.info("outbox relay reconnecting")
+        if self._connection is not None:
+            # Answers heartbeats and notices a connection the broker closed while we were idle.
+            if self._connection.check():
+                return self._connection
+            log.info("outbox relay reconnecting")
             self._drop_connection()
         now = time.monotonic()
         if now < self._retry_at:
             raise broker.BrokerUnavailable()  # backing off: the outbox keeps the rows meanwhile
-        connection: pika.BlockingConnection | None = None
+        parameters = broker.connection_parameters(
+            self._url, name="minichat-relay", defaults=_CONNECT_TIMEOUTS
+        )
         try:
-            connection = broker.connect(self._url, name="minichat-relay", defaults=_CONNECT_TIMEOUTS)
-            channel = connection.channel()
-            broker.declare_topology(channel)
-            channel.confirm_delivery()
+            # The topology on a short blocking connection (its errors, TopologyMismatch, as everywhere),
+            # then the publishing connection.
+            declaring = broker.connect(self._url, name="minichat-relay", defaults=_CONNECT_TIMEOUTS)
+            try:
+                broker.declare_topology(declaring.channel())
+            finally:
+                self._close_quietly(declaring)
+            publisher = broker.Publisher(parameters, timeout=_CONFIRM_TIMEOUT_S)
+            publisher.open()
         except (broker.BrokerUnavailable, pika.exceptions.AMQPError, OSError) as exc:
-            if connection is not None:
-                self._close_quietly(connection)
             self._back_off(now)
             if isinstance(exc, broker.BrokerUnavailable):
                 raise
             raise broker.BrokerUnavailable() from exc
         self._backoff = self._min_backoff
         self._retry_at = 0.0
-        self._connection, self._channel = connection, channel
-        return channel
+        self._connection = publisher
+        return publisher
 
     def _drop_connection(self) -> None:
-        if self._connection is not None:
-            self._close_quietly(self._connection)
-        self._connection = None
-        self._channel = None
+        publisher, self._connection = self._connection, None
+        if publisher is not None:
+            publisher.close()
 
     @staticmethod
     def _close_quietly(connection: pika.BlockingConnection) -> None:
