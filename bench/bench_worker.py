@@ -103,17 +103,19 @@ def make_rows(count: int, users: list[str]) -> list[dict[str, object]]:
 
 
 def fill_queue(rows: list[dict[str, object]]) -> float:
-    """Outbox rows (record_usage) → relay → usage_event; returns the relay's events/s."""
+    """Outbox rows (usage events) → relay → usage_event; returns the relay's events/s."""
     with transaction() as conn:
         for row in rows:
-            events.record_usage(
+            events.record(
                 conn,
-                user_id=str(row["user_id"]),
-                generation_id=str(row["generation_id"]),
-                model=str(row["model"]),
-                input_tokens=int(str(row["input_tokens"])),
-                output_tokens=int(str(row["output_tokens"])),
-                estimated=bool(row["estimated"]),
+                events.usage_event(
+                    user_id=str(row["user_id"]),
+                    generation_id=str(row["generation_id"]),
+                    model=str(row["model"]),
+                    input_tokens=int(str(row["input_tokens"])),
+                    output_tokens=int(str(row["output_tokens"])),
+                    estimated=bool(row["estimated"]),
+                ),
             )
     started = time.perf_counter()
     published = events.sweep(limit=500, time_budget=600)
