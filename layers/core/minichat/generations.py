@@ -369,13 +369,16 @@ def prompt_for(
 
 
 def _newest_on_path(leaf: str) -> str:
-    """SQL: recursive CTE bodies ending in `newest(id, seq)`, the newest _HISTORY_LIMIT messages of the
-    path that ends at the message id `leaf` (an SQL expression); `%(limit)s` is the limit. The path's
-    segments, the newest of each, merged."""
+    """SQL: recursive CTE bodies ending in `newest(seq, role, content)`, the newest _HISTORY_LIMIT
+    messages of the path that ends at the message id `leaf` (an SQL expression); `%(limit)s` is the
+    limit. The path's segments, the newest of each, merged. The rows carry what the prompt needs: a
+    join back to `messages` by id cost a scan of the table whenever the planner took it for small (0.4
+    of the claim's 0.75 ms at 1,200 messages)."""
     return f"""{path_segments(leaf)},
         newest AS (
-            SELECT x.id, x.seq FROM path_segments s, LATERAL (
-                SELECT m.id, m.seq FROM messages m WHERE m.segment_id = s.segment_id AND m.seq <= s.upto
+            SELECT x.seq, x.role, x.content FROM path_segments s, LATERAL (
+                SELECT m.seq, m.role, m.content FROM messages m
+                WHERE m.segment_id = s.segment_id AND m.seq <= s.upto
                 ORDER BY m.seq DESC LIMIT %(limit)s
             ) x
             ORDER BY x.seq DESC LIMIT %(limit)s
@@ -388,7 +391,7 @@ def history(conn: db.Conn, generation_id: str) -> list[tuple[str, str]]:
     rows = conn.execute(
         f"""
         WITH RECURSIVE {_newest_on_path("(SELECT parent_message_id FROM generations WHERE id = %(id)s)")}
-        SELECT m.role, m.content FROM newest JOIN messages m ON m.id = newest.id ORDER BY newest.seq
+        SELECT role, content FROM newest ORDER BY seq
         """,
         {"id": generation_id, "limit": _HISTORY_LIMIT},
     ).fetchall()
@@ -672,8 +675,8 @@ _OPEN_FOR_STREAM = f"""
         RETURNING {COLUMNS}, parent_message_id
     ), {_newest_on_path("(SELECT parent_message_id FROM claimed)")}
     SELECT {", ".join(f"c.{c.strip()}" for c in COLUMNS.split(","))}, true AS claimed, (
-        SELECT COALESCE(json_agg(json_build_array(m.role, m.content) ORDER BY newest.seq), '[]'::json)
-        FROM newest JOIN messages m ON m.id = newest.id
+        SELECT COALESCE(json_agg(json_build_array(n.role, n.content) ORDER BY n.seq), '[]'::json)
+        FROM newest n
     ) AS history
     FROM claimed c
     UNION ALL
