@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -208,8 +207,8 @@ class Publisher:
         return self.is_open
 
     def close(self) -> None:
-        """Close the connection; a broker that does not answer gets a second, then the socket is left to
-        its own timeouts."""
+        """Close the connection: a broker that does not answer within a second is left to the socket's own
+        timeouts."""
         connection, self._connection = self._connection, None
         self._ready = False
         self._unconfirmed.clear()
@@ -243,8 +242,7 @@ class Publisher:
             return True
         ioloop = connection.ioloop
         self._until = until
-        deadline = time.monotonic() + timeout
-        timer = ioloop.call_later(max(0.0, deadline - time.monotonic()), ioloop.stop)
+        timer = ioloop.call_later(timeout, ioloop.stop)
         try:
             ioloop.start()
         finally:
