@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -128,6 +129,32 @@ def test_a_port_in_use_is_refused_clearly(database_url: str, reuse_port: bool) -
         holder.close()
     assert proc.returncode == 1, err
     assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err + out
+
+
+def test_a_worker_freezes_what_it_loaded_and_collects_young_objects_less_often() -> None:
+    """What local mode's processes do to the garbage collector once their code is loaded (in a process of
+    its own: the test run's collector stays as it is)."""
+    code = """
+import gc, json
+from minichat_local.__main__ import _GC_YOUNG, _settle
+from minichat_local.server import build_app
+app = build_app()
+before = gc.get_freeze_count()
+_settle()
+settled = {"frozen": gc.get_freeze_count() - before, "threshold": gc.get_threshold(), "young": _GC_YOUNG}
+gc.set_threshold(100_000, 5, 5)
+_settle()  # a larger threshold someone chose is kept
+settled["kept"] = gc.get_threshold()
+print(json.dumps(settled))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    settled = json.loads(out.stdout.strip().splitlines()[-1])
+    default = (700, 10, 10)  # CPython's
+    assert settled["frozen"] > 20_000, settled  # the modules and the apps: tens of thousands of objects
+    assert settled["threshold"] == [settled["young"], default[1], default[2]]
+    assert settled["young"] > default[0]
+    assert settled["kept"] == [100_000, 5, 5]
 
 
 @pytest.fixture
