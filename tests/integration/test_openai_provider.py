@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -349,6 +351,98 @@ def test_cancelling_the_consumer_closes_the_upstream_connection(
     assert _run(base_url, transport, cancel_mid_stream) == 1
     assert _wait_for(lambda: app.stats.disconnected == 1, timeout=2.0)
     assert app.stats.active == 0
+
+
+_ONE_TOKEN = (
+    b"".join(
+        b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        for chunk in (
+            {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            },
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
+
+
+@contextlib.contextmanager
+def _closing_server(*, answer_first: bool) -> Iterator[tuple[str, dict[str, int]]]:
+    """An upstream that closes a connection as a request arrives on it, without answering: the moment a
+    server closes an idle keep-alive connection. With `answer_first`, each connection's first request is
+    answered (a one-token stream, and the connection kept open); without, none is."""
+    seen = {"connections": 0, "requests": 0}
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen["connections"] += 1
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                seen["requests"] += 1
+                if not answer_first or answered:
+                    return  # closed, nothing answered
+                answered += 1
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    + f"content-length: {len(_ONE_TOKEN)}\r\n\r\n".encode()
+                    + _ONE_TOKEN
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        box["port"] = server.sockets[0].getsockname()[1]
+        box["stop"] = asyncio.Event()
+        box["loop"] = asyncio.get_running_loop()
+        started.set()
+        async with server:
+            await box["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(5)
+    try:
+        yield f"http://127.0.0.1:{box['port']}/v1", seen
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(5)
+
+
+def test_a_request_the_server_drops_as_it_closes_an_idle_connection_is_sent_once_more(transport: str) -> None:
+    """The second stream goes out on the first one's kept-alive connection, which the server closes
+    without answering; it is sent again and answered on a new connection."""
+    with _closing_server(answer_first=True) as (base_url, seen):
+
+        async def two(provider: OpenAIProvider) -> list[list[StreamItem]]:
+            return [await _collect(provider, _request("gpt-test")) for _ in range(2)]
+
+        first, second = _run(base_url, transport, two)
+    assert first == second == [Delta("hi"), Finish("stop")]
+    assert seen == {"connections": 2, "requests": 3}
+
+
+def test_an_upstream_that_never_answers_is_tried_twice_then_a_provider_error(transport: str) -> None:
+    with _closing_server(answer_first=False) as (base_url, seen):
+        _, error, _ = _run(base_url, transport, lambda p: _collect_until_error(p, _request("gpt-test")))
+    assert isinstance(error, ProviderError)
+    assert error.message == "could not reach the upstream model server"
+    assert seen == {"connections": 2, "requests": 2}
+    _assert_safe(error)
 
 
 def test_a_hundred_concurrent_streams(stub: tuple[OpenAIStub, str], transport: str) -> None:

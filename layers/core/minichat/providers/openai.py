@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +29,8 @@ _NO_KEY = "no-key"
 _DRAIN_SECONDS = 1.0
 # OpenAI's finish_reason values that the contract names; the others (content_filter, tool_calls) stay null.
 _FINISH = {"stop": Finish("stop"), "length": Finish("length")}
-_KEEPALIVE_S = 4.0  # how long an idle upstream connection is kept for the next stream
+# How long an idle upstream connection is kept for the next stream (as the Bedrock provider keeps its own).
+_KEEPALIVE_S = 30.0
 # The request body, compact; ASCII, so that any text (a lone surrogate too) has a wire form.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -107,7 +109,12 @@ class OpenAIProvider:
         http_client = (
             openai.DefaultAioHttpClient()
             if self._transport == "aiohttp"
-            else openai.DefaultAsyncHttpxClient()
+            else openai.DefaultAsyncHttpxClient(
+                # The client's own limits, with idle connections kept as the aiohttp transport keeps them.
+                limits=httpx2.Limits(
+                    max_connections=1000, max_keepalive_connections=100, keepalive_expiry=_KEEPALIVE_S
+                )
+            )
         )
         api_key = self._api_key or _NO_KEY
         self._client = openai.AsyncOpenAI(
@@ -152,20 +159,39 @@ class OpenAIProvider:
         request and to every block read.
         """
         if self._transport == "aiohttp":
+            import aiohttp
+
             session = self._aiohttp_session()
             proxy, proxy_auth = self._proxy
-            async with session.post(
-                self._url, data=payload, headers=self._headers, proxy=proxy, proxy_auth=proxy_auth
-            ) as reply:
+            post = functools.partial(
+                session.post,
+                self._url,
+                data=payload,
+                headers=self._headers,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
+            )
+            try:
+                reply = await post()
+            except aiohttp.ClientConnectionError as exc:
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise
+                reply = await post()  # once more; the broken connection is gone (see _aiohttp_session)
+            async with reply:
                 if reply.status >= 400:
                     raise _UpstreamStatus(reply.status)
                 yield reply.content.iter_any()
             return
+        import httpx2
+
         http = self._http
         request = http.build_request(
             "POST", self._url, content=payload, headers=self._headers, timeout=self._timeout
         )
-        response = await http.send(request, stream=True)
+        try:
+            response = await http.send(request, stream=True)
+        except (httpx2.NetworkError, httpx2.RemoteProtocolError):
+            response = await http.send(request, stream=True)
         try:
             if response.status_code >= 400:
                 raise _UpstreamStatus(response.status_code)
@@ -179,9 +205,15 @@ class OpenAIProvider:
 
     def _aiohttp_session(self) -> Any:
         """This loop's aiohttp session (made on its first stream), as the openai client's transport makes
-        it (its TLS context, at most 1,000 connections, proxies from the environment), but idle connections
-        are dropped after 4 s, before the upstream drops them: many servers close idle connections after
-        5 s (uvicorn, Node), and a request sent on a connection the server is closing fails."""
+        it (its TLS context, at most 1,000 connections, proxies from the environment).
+
+        Idle connections are kept _KEEPALIVE_S: a stream that starts within that time of the last one
+        skips the connection's setup (a TLS handshake to a remote server), as every stream of a warm
+        Lambda container that follows another soon does. Many servers close idle connections sooner
+        (uvicorn and Node after 5 s); aiohttp sees the close and never reuses such a connection, except
+        when the request goes out in the very moment the server closes it: it then fails before any
+        response, and _open sends it once more, without that connection (a request that never reached the
+        model; the openai client retries these too)."""
         import aiohttp
         import httpx2
 
