@@ -6,11 +6,11 @@
     python bench/bench_stream.py --quick --profile /tmp/p.txt --profile-phase setup   # py-spy, raw stacks
 
 What it does, in one run:
-- starts the OpenAI-compatible stub (`python -m minichat_local.openai_stub`) and local mode
-  (`python -m minichat_local`), each in its own session (setsid) so signals meant for this terminal never
-  reach them, local mode against its own database (`minichat_bench_stream`, recreated each run, dropped at
-  the end), Redis db 11 (flushed) and RabbitMQ vhost `minichat_bench_stream` (created when missing, its
-  queues purged);
+- starts the OpenAI-compatible stub (`python -m minichat_local.openai_stub`, idle connections kept 60 s)
+  and local mode (`python -m minichat_local`), each in its own session (setsid) so signals meant for this
+  terminal never reach them, local mode against its own database (`minichat_bench_stream`, recreated each
+  run, dropped at the end), Redis db 11 (flushed) and RabbitMQ vhost `minichat_bench_stream` (created when
+  missing, its queues purged);
 - registers 100 users (500 with the 500-stream round), one chat each (one generation in flight per user);
 - after a warm-up pair, 5 interleaved pairs of rounds (2 with --quick): a burst of 100 concurrent streams
   of `stub-tokens-100-rate-50` (100 tokens at 50 tokens/s) read (a) straight from the stub, then (b)
@@ -1031,6 +1031,11 @@ async def main_async(plan: Plan, args: argparse.Namespace) -> int:
             str(TOKENS),
             "--rate",
             str(RATE),
+            # Idle connections kept a minute (as the Bedrock stub keeps them, after AWS's endpoints), not
+            # uvicorn's 5 s: both paths reuse their connections from one round to the next, as they do with
+            # a server under steady traffic, instead of opening hundreds each round.
+            "--keep-alive",
+            "60",
         ],
         base_env(),
         stub_port,

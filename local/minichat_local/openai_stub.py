@@ -468,6 +468,13 @@ def serve_cli(
     parser = argparse.ArgumentParser(prog=prog, description=f"Serve {prog} (see its module docstring).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=port)
+    parser.add_argument(
+        "--keep-alive",
+        type=int,
+        default=keep_alive_s,
+        metavar="SECONDS",
+        help=f"how long an idle connection is kept open (default {keep_alive_s})",
+    )
     add_behavior_options(parser)
     args = parser.parse_args(argv)
     behavior = behavior_from_args(args)
@@ -477,7 +484,7 @@ def serve_cli(
         port=args.port,
         access_log=False,
         lifespan="off",
-        timeout_keep_alive=keep_alive_s,
+        timeout_keep_alive=args.keep_alive,
     )
     print(f"{prog} on http://{args.host}:{args.port} ({behavior})", flush=True)
     uvicorn.Server(config).run()
