@@ -436,6 +436,22 @@ def test_a_request_the_server_drops_as_it_closes_an_idle_connection_is_sent_once
     assert seen == {"connections": 2, "requests": 3}
 
 
+def test_the_request_sent_again_does_not_take_another_broken_connection_of_the_pool(transport: str) -> None:
+    """Two streams at once leave two kept-alive connections, both of which the server then closes as a
+    request arrives (as a server closes all the connections that went idle together): the stream after
+    them fails on one and is sent again on a new connection, not on the other."""
+    with _closing_server(answer_first=True) as (base_url, seen):
+
+        async def three(provider: OpenAIProvider) -> list[list[StreamItem]]:
+            request = _request("gpt-test")
+            pair = await asyncio.gather(_collect(provider, request), _collect(provider, request))
+            return [*pair, await _collect(provider, request)]
+
+        results = _run(base_url, transport, three)
+    assert results == [[Delta("hi"), Finish("stop")]] * 3
+    assert seen == {"connections": 3, "requests": 4}
+
+
 def test_an_upstream_that_never_answers_is_tried_twice_then_a_provider_error(transport: str) -> None:
     with _closing_server(answer_first=False) as (base_url, seen):
         _, error, _ = _run(base_url, transport, lambda p: _collect_until_error(p, _request("gpt-test")))

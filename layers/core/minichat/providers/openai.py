@@ -70,10 +70,12 @@ class OpenAIProvider:
         self._max_tokens_param = max_tokens_param
         self._client: AsyncOpenAI | None = None
         self._http: Any = None  # the client's httpx2.AsyncClient
+        self._fresh_http: Any = None  # one that keeps no connection, for a request sent again
         self._url = ""
         self._headers: dict[str, str] = {}
         self._timeout: Any = None
         self._session: Any = None  # the aiohttp transport's session (aiohttp.ClientSession)
+        self._fresh_session: Any = None  # ... and one that keeps no connection, for a request sent again
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._proxy: tuple[Any, Any] = (None, None)  # the session's (proxy URL, its BasicAuth) or Nones
         self._client_loop: asyncio.AbstractEventLoop | None = None
@@ -133,18 +135,25 @@ class OpenAIProvider:
         headers = {k: v for k, v in self._client.default_headers.items() if isinstance(v, str)}
         self._headers = {**headers, "Authorization": f"Bearer {api_key}"}
         self._timeout = httpx2.Timeout(None, connect=self._connect_timeout)
+        self._fresh_http = None  # made again on first need, on the loop that uses the client
         self._client_loop = None
         return self._client
 
     async def aclose(self) -> None:
         """Close the HTTP client (its connection pool)."""
         client, self._client, self._client_loop = self._client, None, None
-        session, self._session = self._session, None
+        sessions = (self._session, self._fresh_session)
+        self._session = self._fresh_session = None
+        fresh_http, self._fresh_http = self._fresh_http, None
         if client is not None:
             await client.close()
-        if session is not None and not session.closed:
+        if fresh_http is not None:
             with contextlib.suppress(RuntimeError):  # made on a loop that is gone
-                await session.close()
+                await fresh_http.aclose()
+        for session in sessions:
+            if session is not None and not session.closed:
+                with contextlib.suppress(RuntimeError):  # made on a loop that is gone
+                    await session.close()
 
     @contextlib.asynccontextmanager
     async def _open(self, payload: bytes) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -164,19 +173,19 @@ class OpenAIProvider:
             session = self._aiohttp_session()
             proxy, proxy_auth = self._proxy
             post = functools.partial(
-                session.post,
-                self._url,
+                aiohttp.ClientSession.post,
+                url=self._url,
                 data=payload,
                 headers=self._headers,
                 proxy=proxy,
                 proxy_auth=proxy_auth,
             )
             try:
-                reply = await post()
+                reply = await post(session)
             except aiohttp.ClientConnectionError as exc:
                 if isinstance(exc, asyncio.TimeoutError):
                     raise
-                reply = await post()  # once more; the broken connection is gone (see _aiohttp_session)
+                reply = await post(self._aiohttp_session(fresh=True))  # see _aiohttp_session
             async with reply:
                 if reply.status >= 400:
                     raise _UpstreamStatus(reply.status)
@@ -191,7 +200,14 @@ class OpenAIProvider:
         try:
             response = await http.send(request, stream=True)
         except (httpx2.NetworkError, httpx2.RemoteProtocolError):
-            response = await http.send(request, stream=True)
+            # Once more, on a new connection, as the aiohttp transport does (see _aiohttp_session).
+            if self._fresh_http is None:
+                import openai
+
+                self._fresh_http = openai.DefaultAsyncHttpxClient(
+                    limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=0)
+                )
+            response = await self._fresh_http.send(request, stream=True)
         try:
             if response.status_code >= 400:
                 raise _UpstreamStatus(response.status_code)
@@ -203,32 +219,44 @@ class OpenAIProvider:
         finally:
             await response.aclose()
 
-    def _aiohttp_session(self) -> Any:
+    def _aiohttp_session(self, *, fresh: bool = False) -> Any:
         """This loop's aiohttp session (made on its first stream), as the openai client's transport makes
         it (its TLS context, at most 1,000 connections, proxies from the environment).
 
         Idle connections are kept _KEEPALIVE_S: a stream that starts within that time of the last one
         skips the connection's setup (a TLS handshake to a remote server), as every stream of a warm
         Lambda container that follows another soon does. Many servers close idle connections sooner
-        (uvicorn and Node after 5 s); aiohttp sees the close and never reuses such a connection, except
-        when the request goes out in the very moment the server closes it: it then fails before any
-        response, and _open sends it once more, without that connection (a request that never reached the
-        model; the openai client retries these too)."""
+        (uvicorn and Node after 5 s). aiohttp drops such a connection once the event loop has read the
+        close; a request that went out on it before (in a burst, the loop runs the requests first) fails
+        before any response, and _open sends it once more through the `fresh` session, on a new
+        connection that is closed after its one request: the pool's other idle connections, closed by
+        the server after the same idle time, are likely broken too. That request never reached the model
+        (the openai client retries these as well)."""
         import aiohttp
         import httpx2
 
-        session, loop = self._session, asyncio.get_running_loop()
-        if session is None or session.closed or self._session_loop is not loop:
-            connector = aiohttp.TCPConnector(
-                limit=1000, keepalive_timeout=_KEEPALIVE_S, ssl=httpx2.create_ssl_context(trust_env=True)
+        loop = asyncio.get_running_loop()
+        if self._session_loop is not loop:  # sessions of another loop (gone, or not ours to use)
+            self._session = self._fresh_session = None
+            self._session_loop = loop
+        session = self._fresh_session if fresh else self._session
+        if session is None or session.closed:
+            ssl = httpx2.create_ssl_context(trust_env=True)
+            connector = (
+                aiohttp.TCPConnector(limit=1000, force_close=True, ssl=ssl)
+                if fresh
+                else aiohttp.TCPConnector(limit=1000, keepalive_timeout=_KEEPALIVE_S, ssl=ssl)
             )
             # No read timeout (the watchdog's deadlines cover every wait), as in the client.
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
             # The proxy from the environment, looked up once: with trust_env, aiohttp looks it up, and
             # reads ~/.netrc, in two thread-pool hops on every request.
             session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
-            self._proxy = _env_proxy(self._url)
-            self._session, self._session_loop = session, loop
+            if fresh:
+                self._fresh_session = session
+            else:
+                self._session = session
+                self._proxy = _env_proxy(self._url)
         return session
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
