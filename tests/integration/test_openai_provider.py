@@ -369,10 +369,10 @@ _ONE_TOKEN = (
 
 
 @contextlib.contextmanager
-def _closing_server(*, answer_first: bool) -> Iterator[tuple[str, dict[str, int]]]:
+def _closing_server(*, answer_first: bool, body: bytes = _ONE_TOKEN) -> Iterator[tuple[str, dict[str, int]]]:
     """An upstream that closes a connection as a request arrives on it, without answering: the moment a
     server closes an idle keep-alive connection. With `answer_first`, each connection's first request is
-    answered (a one-token stream, and the connection kept open); without, none is."""
+    answered (`body`, by default a one-token stream, and the connection kept open); without, none is."""
     seen = {"connections": 0, "requests": 0}
     started = threading.Event()
     box: dict[str, Any] = {}
@@ -395,8 +395,8 @@ def _closing_server(*, answer_first: bool) -> Iterator[tuple[str, dict[str, int]
                 answered += 1
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    + f"content-length: {len(_ONE_TOKEN)}\r\n\r\n".encode()
-                    + _ONE_TOKEN
+                    + f"content-length: {len(body)}\r\n\r\n".encode()
+                    + body
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -458,6 +458,33 @@ def test_an_upstream_that_never_answers_is_tried_twice_then_a_provider_error(tra
     assert isinstance(error, ProviderError)
     assert error.message == "could not reach the upstream model server"
     assert seen == {"connections": 2, "requests": 2}
+    _assert_safe(error)
+
+
+def _chunk_with_content(raw: bytes) -> bytes:
+    """One SSE event whose content is `raw`, byte for byte (not necessarily UTF-8), then [DONE]."""
+    return (
+        b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"'
+        + raw
+        + b'"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
+
+
+def test_an_encoded_lone_surrogate_passes_through_to_be_repaired(transport: str) -> None:
+    """UTF-8 bytes of a lone surrogate (which strict UTF-8 refuses) are read as json.loads reads bytes:
+    the text keeps the surrogate, and the engine repairs it as it does an escaped one (SPEC §7.3)."""
+    with _closing_server(answer_first=True, body=_chunk_with_content(b"a\xed\xa0\x80b")) as (base_url, _):
+        items = _run(base_url, transport, lambda p: _collect(p, _request("gpt-test")))
+    assert items == [Delta("a\ud800b"), Finish("stop")]
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe not UTF-8", b'unescaped " quote'])
+def test_a_chunk_that_is_not_json_text_is_an_invalid_response(transport: str, raw: bytes) -> None:
+    with _closing_server(answer_first=True, body=_chunk_with_content(raw)) as (base_url, _):
+        seen, error, _ = _run(base_url, transport, lambda p: _collect_until_error(p, _request("gpt-test")))
+    assert seen == []
+    assert isinstance(error, ProviderError)
+    assert error.message == "the upstream model server sent an invalid response"
     _assert_safe(error)
 
 

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from minichat.errors import MiniChatError, ProviderError, ProviderTimeout
 from minichat.log import get_logger
-from minichat.providers.base import ChatMessage, Delta, Finish, ProviderRequest, StreamItem, Usage
+from minichat.providers.base import ChatMessage, Delta, Finish, ProviderRequest, StreamItem, Usage, load_json
 
 if TYPE_CHECKING:
     import aiohttp
@@ -313,7 +313,7 @@ class BedrockProvider:
                 raise
             content = response.content
             decoder = EventStreamDecoder()
-            loads = json.loads
+            loads = load_json
             while True:
                 timer = asyncio.timeout_at(deadline)
                 try:

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from minichat.errors import ProviderError, ProviderTimeout
-from minichat.providers.base import Delta, Finish, ProviderRequest, StreamItem, Usage
+from minichat.providers.base import Delta, Finish, ProviderRequest, StreamItem, Usage, load_json
 from minichat.secrets import fetch_secret_value
 from minichat.sse import Decoder
 
@@ -266,7 +266,7 @@ class OpenAIProvider:
 
         self._get_client()
         loop = asyncio.get_running_loop()
-        loads = json.loads
+        loads = load_json
         body: dict[str, Any] = {
             "model": request.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
