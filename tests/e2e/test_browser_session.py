@@ -203,8 +203,10 @@ def test_chat_list_and_history_are_paginated(page: Any, live_server: str) -> Non
                 http.post(f"/api/chats/{long_chat}/messages", json={"content": f"note {n}"}).status_code
                 == 201
             )
-    pages: list[Any] = []
-    page.on("response", lambda r: pages.append(r) if "/api/chats?limit=" in r.url else None)
+    # The list requests the reloaded page makes. Not its responses as they come: the list request of the
+    # page before the reload may still be answering, and its body is gone with that page.
+    asked: list[Any] = []
+    page.on("request", lambda r: asked.append(r) if "/api/chats?limit=" in r.url else None)
     page.reload()
     items = page.locator(".chat-item")
     # The first page is 30 chats, newest first. The client asks for the next one as soon as the list's
@@ -213,6 +215,7 @@ def test_chat_list_and_history_are_paginated(page: Any, live_server: str) -> Non
     expect(items.first.locator(".chat-title")).to_have_text("Chat number 00")
     page.locator("#chat-scroll").evaluate("el => el.scrollTo(0, el.scrollHeight)")
     expect(items).to_have_count(45)
+    pages = [r.response() for r in asked]
     first, second = (r.json() for r in pages[:2])
     assert len(pages) == 2 and "cursor=" not in pages[0].url and "cursor=" in pages[1].url
     assert len(first["items"]) == 30 and first["nextCursor"] and len(second["items"]) == 15
