@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -10,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 
 from helpers import Account, Api, EventStream, LocalProcess, assert_error, text_of
 from minichat import limits
@@ -296,6 +299,54 @@ def test_a_lock_left_by_a_finished_generation_never_blocks(api: Api, redis_clien
     api.request("POST", f"/api/generations/{started['generationId']}/cancel", user=user)
     redis_client.set(limits.inflight_key(user.user_id), started["generationId"], px=60_000)
     assert api.create_generation(user, started["chat"]["id"], content="go").status_code == 201
+
+
+def test_the_keep_alive_extends_only_locks_still_held_and_reads_every_cancel_flag(redis_client: Any) -> None:
+    users = [str(uuid.uuid4()) for _ in range(4)]
+    runs = [str(uuid.uuid4()) for _ in range(4)]
+    flags = [f"test:{g}:cancel" for g in runs]
+    redis_client.set(limits.inflight_key(users[0]), runs[0], px=1_000)
+    redis_client.set(limits.inflight_key(users[1]), "another generation", px=1_000)  # taken over
+    # users[2] holds no lock (released, or expired); users[3]'s run was canceled
+    redis_client.set(limits.inflight_key(users[3]), runs[3], px=1_000)
+    redis_client.set(flags[3], b"1")
+    redis_client.set(flags[1], b"1")
+
+    async def keep() -> list[bool]:
+        client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
+        try:
+            return await limits.renew_runs_async(
+                client, list(zip(users, runs, flags, strict=True)), ttl_ms=60_000
+            )
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(keep()) == [False, True, False, True]
+    assert redis_client.pttl(limits.inflight_key(users[0])) > 50_000
+    assert redis_client.pttl(limits.inflight_key(users[3])) > 50_000
+    assert redis_client.pttl(limits.inflight_key(users[1])) <= 1_000  # someone else's: untouched
+    assert redis_client.get(limits.inflight_key(users[1])) == b"another generation"
+    assert redis_client.exists(limits.inflight_key(users[2])) == 0  # never recreated
+
+
+def test_the_keep_alive_of_more_runs_than_one_call_takes_keeps_their_order(redis_client: Any) -> None:
+    runs = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1_201)]
+    flags = [f"test:{g}:cancel" for _, g in runs]
+    for i, (user_id, generation_id) in enumerate(runs):
+        redis_client.set(limits.inflight_key(user_id), generation_id, px=1_000)
+        if i % 7 == 3:
+            redis_client.set(flags[i], b"1")
+
+    async def keep() -> list[bool]:
+        client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
+        try:
+            triples = [(u, g, f) for (u, g), f in zip(runs, flags, strict=True)]
+            return await limits.renew_runs_async(client, triples, ttl_ms=60_000)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(keep()) == [i % 7 == 3 for i in range(len(runs))]
+    assert min(redis_client.pttl(limits.inflight_key(u)) for u, _ in runs) > 50_000
 
 
 def test_the_database_backstops_a_lost_redis_lock(api: Api, redis_client: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ __all__ = [
     "open_stream_async",
     "release_inflight",
     "release_inflight_async",
-    "renew_inflight_async",
+    "renew_runs_async",
     "renew_stream_async",
 ]
 
@@ -38,14 +39,6 @@ LOCK_TTL_MS = 90_000
 _RELEASE = kv.Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
-end
-return 0
-""")
-
-# Extend only our own lock, for the same reason.
-_RENEW = kv.Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """)
@@ -69,10 +62,39 @@ async def release_inflight_async(client: redis.asyncio.Redis, *, user_id: str, g
     return bool(await kv.run_script_async(client, _RELEASE, [inflight_key(user_id)], [generation_id]))
 
 
-async def renew_inflight_async(
-    client: redis.asyncio.Redis, *, user_id: str, generation_id: str, ttl_ms: int = LOCK_TTL_MS
-) -> bool:
-    return bool(await kv.run_script_async(client, _RENEW, [inflight_key(user_id)], [generation_id, ttl_ms]))
+# A process's running generations kept in one call: each lock extended if it still holds its generation,
+# and each cancel flag read (in case its pub/sub message was lost). Per run i: KEYS[2i-1] the user's lock,
+# KEYS[2i] the generation's cancel flag, ARGV[i+1] the generation id; ARGV[1] the TTL. Returns the indexes
+# (1-based) of the runs whose flag is set. One script call per run cost the event loop about 0.2 ms each
+# (redis-py's command path), every few seconds for every run.
+_RENEW_RUNS = kv.Script("""
+local canceled = {}
+for i = 1, #KEYS / 2 do
+  if redis.call('GET', KEYS[2 * i - 1]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[1])
+  end
+  if redis.call('EXISTS', KEYS[2 * i]) == 1 then
+    canceled[#canceled + 1] = i
+  end
+end
+return canceled
+""")
+_RUNS_PER_CALL = 500  # Redis runs one script at a time: a few hundred keys keep each call short
+
+
+async def renew_runs_async(
+    client: redis.asyncio.Redis, runs: Sequence[tuple[str, str, str]], *, ttl_ms: int = LOCK_TTL_MS
+) -> list[bool]:
+    """For runs given as (user id, generation id, cancel flag key): extend each user's lock where it
+    still holds the generation; whether each run's cancel flag is set, in order."""
+    canceled = [False] * len(runs)
+    for start in range(0, len(runs), _RUNS_PER_CALL):
+        part = runs[start : start + _RUNS_PER_CALL]
+        keys = [k for user_id, _, flag in part for k in (inflight_key(user_id), flag)]
+        found = await kv.run_script_async(client, _RENEW_RUNS, keys, [ttl_ms, *(g for _, g, _ in part)])
+        for index in found:
+            canceled[start + int(index) - 1] = True
+    return canceled
 
 
 # --- rate limits (GCRA) -------------------------------------------------------------------------------

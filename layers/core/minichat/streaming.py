@@ -450,13 +450,12 @@ class Engine:
                 log.warning("lock renewal failed", error=type(exc).__name__)
 
     async def _renew_locks(self, runs: list[Run]) -> None:
-        flags = await self.redis.mget([generations.cancel_key(r.id) for r in runs])
+        flags = await limits.renew_runs_async(
+            self.redis, [(str(r.row["user_id"]), r.id, generations.cancel_key(r.id)) for r in runs]
+        )
         for run, flag in zip(runs, flags, strict=True):
-            if flag is not None:
+            if flag:
                 run.stop("canceled")
-            await limits.renew_inflight_async(
-                self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
-            )
 
     # --- readers ------------------------------------------------------------------------------------
 
