@@ -98,3 +98,34 @@ def test_an_event_already_written_is_not_written_twice(own_redis: OwnRedis) -> N
 
     _with_writer(own_redis, body)
     assert _numbers(own_redis) == [1, 2, 3, 4]
+
+
+def test_a_batch_of_several_buffers_is_written_byte_for_byte(own_redis: OwnRedis) -> None:
+    """One call carries the events of many generations, interleaved, whatever their frames hold."""
+    generations = [f"00000000-0000-0000-0000-00000000010{i}" for i in range(3)]
+    texts = [" é, 中文 1e5,", "😀\n\n", " x" * 3000, "", "0-1e2s3,"]
+    sent: dict[str, list[bytes]] = {g: [] for g in generations}
+
+    async def body(writer: buffer.Writer, _: list[bytes]) -> None:
+        for text in texts:
+            for generation_id in generations:  # one batch: the writer waits for more before it sends
+                frames = sent[generation_id]
+                frames.append(encode_event(len(frames) + 1, buffer.delta(text + generation_id[-1])))
+                writer.append(generation_id, frames, end=False)
+        for generation_id in generations:
+            frames = sent[generation_id]
+            frames.append(encode_event(len(frames) + 1, buffer.done("succeeded")))
+            writer.append(generation_id, frames, end=True)
+        assert await writer.written(timeout=2)
+
+    _with_writer(own_redis, body)
+    client = own_redis.client()
+    try:
+        for generation_id, frames in sent.items():
+            entries = client.xrange(buffer.key(generation_id))
+            assert [entry_id for entry_id, _ in entries] == [f"0-{n}".encode() for n in range(1, 7)]
+            assert [fields[b"f"] for _, fields in entries] == frames
+            assert [b"e" in fields for _, fields in entries] == [False] * 5 + [True]
+            assert client.ttl(buffer.key(generation_id)) > 3000
+    finally:
+        client.close()
