@@ -176,13 +176,13 @@ def close(client: redis.Redis, row: dict[str, Any], *, after: int, ttl: int) -> 
 
 # --- writing (the engine) ------------------------------------------------------------------------------
 
-# One call appends a batch of events to their buffers: a pipeline of XADDs cost redis-py about 15 µs of
-# CPU per event on the event loop (packing each command, parsing each reply), this one call about 4 with
-# three arguments per event, and about 1 with the frames joined into one argument (redis-py packs each
-# argument apart: 3.5 µs an event). KEYS[i] is entry i's buffer; ARGV[1] the TTL; ARGV[2] the entries,
-# each `<n><mark><length>,`: event number n, mark ("s" the generation's first event: the TTL is set;
-# "e" its last: field e marks the end and the TTL is set again, so the buffer is kept at least ARGV[1] s
-# after the end; "x" neither) and the length of its frame, the frames one after the other in ARGV[3].
+# One call appends a batch of events to their buffers, its frames joined into one argument: the event
+# loop's CPU per event is a fraction of a pipeline of XADDs' (redis-py packs each command and each of its
+# arguments apart, and parses each reply; figures in docs/architecture.md). KEYS[i] is entry i's buffer;
+# ARGV[1] the TTL; ARGV[2] the entries, each `<n><mark><length>,`: event number n, mark ("s" the
+# generation's first event: the TTL is set; "e" its last: field e marks the end and the TTL is set again,
+# so the buffer is kept at least ARGV[1] s after the end; "x" neither) and the length of its frame; the
+# frames one after the other in ARGV[3].
 # Each buffer's last id is read first (once per buffer and call, in the server): what is already there
 # is skipped (a retry whose earlier reply was lost writes nothing twice), and a buffer that is gone
 # although its first events were written (a Redis that restarted empty, even when the client's own

@@ -65,8 +65,8 @@ async def release_inflight_async(client: redis.asyncio.Redis, *, user_id: str, g
 # A process's running generations kept in one call: each lock extended if it still holds its generation,
 # and each cancel flag read (in case its pub/sub message was lost). Per run i: KEYS[2i-1] the user's lock,
 # KEYS[2i] the generation's cancel flag, ARGV[i+1] the generation id; ARGV[1] the TTL. Returns the indexes
-# (1-based) of the runs whose flag is set. One script call per run cost the event loop about 0.2 ms each
-# (redis-py's command path), every few seconds for every run.
+# (1-based) of the runs whose flag is set. A call per run cost the event loop redis-py's whole command
+# path for every run every few seconds (docs/architecture.md).
 _RENEW_RUNS = kv.Script("""
 local canceled = {}
 for i = 1, #KEYS / 2 do
