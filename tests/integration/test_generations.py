@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio
 
 from helpers import Account, Api, EventStream, LocalProcess, assert_error, text_of
-from minichat import limits
+from minichat import generations, limits
 from minichat.providers import estimate_tokens
 
 QUESTION = "Tell me about the quick brown fox"
@@ -327,6 +327,31 @@ def test_the_keep_alive_extends_only_locks_still_held_and_reads_every_cancel_fla
     assert redis_client.pttl(limits.inflight_key(users[1])) <= 1_000  # someone else's: untouched
     assert redis_client.get(limits.inflight_key(users[1])) == b"another generation"
     assert redis_client.exists(limits.inflight_key(users[2])) == 0  # never recreated
+
+
+def test_a_cancel_whose_message_was_lost_is_found_and_locks_are_renewed_by_the_keep_alive(
+    api: Api, redis_client: Any
+) -> None:
+    """The engine's keep-alive (every 5 s) renews the running generations' locks and reads their cancel
+    flags: a flag set without its pub/sub message still stops the run."""
+    long = " ".join(["word"] * 200)  # 40 s at mock-slow's 200 ms a word
+    kept, stopped = api.register(), api.register()
+    runs = [api.generate(user, content=long, model="mock-slow") for user in (kept, stopped)]
+    streams = [_open(api, started) for started in runs]
+    try:
+        for stream in streams:
+            assert stream.next()[1]["type"] == "delta"  # both running in this process
+        redis_client.pexpire(limits.inflight_key(kept.user_id), 20_000)
+        redis_client.set(generations.cancel_key(runs[1]["generationId"]), b"1", ex=60)  # no PUBLISH
+        started = time.monotonic()
+        events = streams[1].until_done()
+        assert events[-1][1] == {"type": "done", "status": "canceled"}
+        assert time.monotonic() - started < 9  # the next tick, within 5 s
+        assert redis_client.pttl(limits.inflight_key(kept.user_id)) > 60_000  # renewed in the same tick
+    finally:
+        for stream in streams:
+            stream.close()
+        api.request("POST", f"/api/generations/{runs[0]['generationId']}/cancel", user=kept)
 
 
 def test_the_keep_alive_of_more_runs_than_one_call_takes_keeps_their_order(redis_client: Any) -> None:
