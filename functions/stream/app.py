@@ -144,7 +144,7 @@ class _EventStream(StreamingResponse):
                         renewed = time.monotonic()
                         with contextlib.suppress(RedisError, OSError):
                             await limits.renew_stream_async(
-                                self._engine.redis, user_id=self._user_id, connection_id=slot
+                                self._engine.commands, user_id=self._user_id, connection_id=slot
                             )
             except MiniChatError as error:  # headers are gone: the contract's error event, then stop
                 log.warning("stream interrupted", generation_id=self._generation_id, code=error.code)
@@ -169,7 +169,7 @@ async def _take_slot(engine: Engine, user_id: str) -> str | None:
     slot = f"{random.getrandbits(128):032x}"  # unique, not secret (see _request_id)
     try:
         taken = await limits.open_stream_async(
-            engine.redis,
+            engine.commands,
             user_id=user_id,
             connection_id=slot,
             limit=get_settings().max_streams_per_user,
@@ -193,7 +193,7 @@ def _give_back(engine: Engine, user_id: str, slot: str | None) -> None:
 
     async def release() -> None:
         with contextlib.suppress(RedisError, OSError):
-            await limits.close_stream_async(engine.redis, user_id=user_id, connection_id=slot)
+            await limits.close_stream_async(engine.commands, user_id=user_id, connection_id=slot)
 
     try:
         task = asyncio.get_running_loop().create_task(release())

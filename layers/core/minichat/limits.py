@@ -58,7 +58,7 @@ def release_inflight(client: redis.Redis, *, user_id: str, generation_id: str) -
     return bool(client.eval(_RELEASE.text, 1, inflight_key(user_id), generation_id))
 
 
-async def release_inflight_async(client: redis.asyncio.Redis, *, user_id: str, generation_id: str) -> bool:
+async def release_inflight_async(client: kv.AsyncClient, *, user_id: str, generation_id: str) -> bool:
     return bool(await kv.run_script_async(client, _RELEASE, [inflight_key(user_id)], [generation_id]))
 
 
@@ -369,7 +369,7 @@ def _streams_key(user_id: str) -> str:
 
 
 async def open_stream_async(
-    client: redis.asyncio.Redis,
+    client: kv.AsyncClient,
     *,
     user_id: str,
     connection_id: str,
@@ -385,7 +385,7 @@ async def open_stream_async(
 
 
 async def renew_stream_async(
-    client: redis.asyncio.Redis, *, user_id: str, connection_id: str, lease_ms: int = STREAM_LEASE_MS
+    client: kv.AsyncClient, *, user_id: str, connection_id: str, lease_ms: int = STREAM_LEASE_MS
 ) -> None:
     """Extend an open connection's lease (it re-enters the set if it had lapsed)."""
     await kv.run_script_async(
@@ -393,6 +393,6 @@ async def renew_stream_async(
     )
 
 
-async def close_stream_async(client: redis.asyncio.Redis, *, user_id: str, connection_id: str) -> None:
+async def close_stream_async(client: kv.AsyncClient, *, user_id: str, connection_id: str) -> None:
     """Give the connection's slot back."""
     await client.zrem(_streams_key(user_id), connection_id)

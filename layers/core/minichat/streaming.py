@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from minichat import buffer, generations, limits
+from minichat import buffer, generations, kv, limits
 from minichat.chats import ASSISTANT_MAX_CHARS, repair_text
 from minichat.config import Settings
 from minichat.errors import (
@@ -118,6 +118,7 @@ class Engine:
         self._redis: redis.asyncio.Redis | None = None
         self._readers: redis.asyncio.Redis | None = None
         self._buffer: buffer.Writer | None = None
+        self._commands: kv.Coalescing | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -146,6 +147,7 @@ class Engine:
             driver_info=None,
         )
         self._buffer = buffer.Writer(self._redis, ttl=self.settings.stream_buffer_ttl)
+        self._commands = kv.Coalescing(self._redis)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._buffer.run(), name="minichat-buffer-writer"),
@@ -182,6 +184,13 @@ class Engine:
     def redis(self) -> redis.asyncio.Redis:
         assert self._redis is not None, "Engine.start() was not called"
         return self._redis
+
+    @property
+    def commands(self) -> kv.Coalescing:
+        """For each stream's few small commands (its connection's slot, its lock, its cancel flag): sent
+        together with those of the other streams opening or ending at the same moment."""
+        assert self._commands is not None, "Engine.start() was not called"
+        return self._commands
 
     async def _in_thread(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -240,7 +249,7 @@ class Engine:
                 # call is already on its way, not before: one Redis round trip less before the first
                 # token (in a burst, every await on that path waits behind the whole event loop).
                 with contextlib.suppress(RedisError, OSError):
-                    if await self.redis.exists(generations.cancel_key(run.id)):
+                    if await self.commands.exists(generations.cancel_key(run.id)):
                         run.stop("canceled")
                 # Wait on the next token and the stop flag together: a cancel lands while the model is
                 # silent.
@@ -328,7 +337,7 @@ class Engine:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(_RELEASE_WAIT_S):
                 await limits.release_inflight_async(
-                    self.redis, user_id=str(run.row["user_id"]), generation_id=run.id
+                    self.commands, user_id=str(run.row["user_id"]), generation_id=run.id
                 )
         events = buffer.closing_events(final)
         for event in events[:-1]:
