@@ -126,9 +126,9 @@ class Engine:
 
     async def start(self) -> None:
         url = self.settings.redis_url
-        # driver_info=None: no CLIENT SETINFO on connect, whose library version lookup (importlib.metadata,
-        # about 0.3 ms of CPU and a round trip) ran on the event loop for every connection a burst of
-        # streams opened.
+        # driver_info=None: no CLIENT SETINFO on connect, whose library version lookup (importlib.metadata)
+        # and round trip ran on the event loop for every connection a burst of streams opened
+        # (docs/architecture.md).
         self._redis = redis.asyncio.Redis.from_url(
             url,
             socket_connect_timeout=2,
