@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed-stamp
 
 # Create the virtualenv if missing and install the core package (editable) with the functions'
 # and the tools' dependencies, pinned by constraints.txt. Re-runs only when those files change.
+# pip installs uv (pinned) and uv installs the rest: the same versions, in seconds instead of half a minute.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
-	@$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[functions,dev]"
+	@$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt uv
+	@$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e ".[functions,dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,9 +12,14 @@ stamp=$venv/.installed-stamp
 
 if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
   echo "aws_tools: installing $requirements into $venv" >&2
-  "${PYTHON:-python3}" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "pip>=24" >&2
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements" >&2
+  if [[ -x .venv/bin/uv ]]; then  # `make setup`'s uv: seconds instead of half a minute
+    .venv/bin/uv venv -q --seed --allow-existing --python "${PYTHON:-python3}" "$venv" >&2
+    .venv/bin/uv pip install -q --python "$venv/bin/python" -r "$requirements" >&2
+  else
+    "${PYTHON:-python3}" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "pip>=24" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements" >&2
+  fi
   echo "$wanted" >"$stamp"
 fi
 cd "$venv/bin" && pwd

@@ -51,9 +51,15 @@ def ensure_venv() -> Path:
     python = VENV / "bin" / "python"
     if not stamp.exists() or stamp.read_text() != wanted:
         print("host.py: installing LocalStack into .venv/localstack", file=sys.stderr)
-        subprocess.run([python313(), "-m", "venv", str(VENV)], check=True)  # noqa: S603 (our own paths)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "-r", str(requirements)], check=True)  # noqa: S603
+        uv = ROOT / ".venv" / "bin" / "uv"  # `make setup`'s uv: seconds instead of most of a minute
+        if uv.exists():
+            venv = [str(uv), "venv", "-q", "--seed", "--allow-existing", "--python", python313(), str(VENV)]
+            install = [str(uv), "pip", "install", "-q", "--python", str(python)]
+        else:
+            venv = [python313(), "-m", "venv", str(VENV)]
+            install = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run(venv, check=True)  # noqa: S603 (our own paths)
+        subprocess.run([*install, "-r", str(requirements)], check=True)  # noqa: S603
         stamp.write_text(wanted)
     return python
 
