@@ -226,3 +226,51 @@ def test_a_scheduled_run_fails_a_queued_generation_when_its_60_s_are_up(api: Api
     }
     assert time.monotonic() - t0 < 1.0
     assert jobs.REAPER_WINDOW_S >= 60.0  # the schedule's period: every minute is covered
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_a_claim_reads_its_own_row_and_the_in_flight_index_serves_the_reaper(db: psycopg.Connection) -> None:
+    """The statistics taken while few generations were in flight, then a burst of 501 queued: the claim
+    (queued → streaming by id) reads one row, never the in-flight index through (as it did when that index
+    was keyed on the status), and the reaper's scan of what is in flight still uses that index."""
+    from minichat import generations
+
+    db.execute(
+        "INSERT INTO users (email, password_hash)"
+        " SELECT 'u' || i || '@x.io', 'h' FROM generate_series(1, 600) i"
+    )
+    db.execute("INSERT INTO chats (user_id) SELECT id FROM users")
+    db.execute(
+        "INSERT INTO generations (chat_id, user_id, status, model, started_at, finished_at)"
+        " SELECT c.id, c.user_id, 'succeeded', 'm', now(), now() FROM chats c, generate_series(1, 4)"
+    )
+    db.execute("ANALYZE generations")
+    db.execute(
+        "INSERT INTO generations (chat_id, user_id, model) SELECT id, user_id, 'm' FROM chats LIMIT 501"
+    )
+    generation_id, user_id = db.execute(
+        "SELECT id, user_id FROM generations WHERE status = 'queued' ORDER BY created_at DESC LIMIT 1"
+    ).fetchone()
+
+    def analyzed(statement: str, params: Any) -> list[dict[str, Any]]:
+        with db.transaction(force_rollback=True):
+            (plan,) = db.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", params).fetchone()[0]
+        return list(_plan_nodes(plan["Plan"]))
+
+    params = {"id": generation_id, "user_id": user_id, "limit": generations._HISTORY_LIMIT}
+    claim = analyzed(generations._OPEN_FOR_STREAM, params)
+    reads = [n for n in claim if n.get("Relation Name") == "generations"]
+    assert reads and all(n.get("Index Name") != "generations_in_flight_idx" for n in reads), reads
+    assert all(n.get("Rows Removed by Filter", 0) <= 1 for n in reads), reads
+    assert db.execute("SELECT status FROM generations WHERE id = %s", (generation_id,)).fetchone() == (
+        "queued",
+    )
+
+    for statement, params in ((generations.STALE, (60, 60, 100)), (reaper.NEXT_DUE, (60,))):
+        scan = analyzed(statement, params)
+        assert any(n.get("Index Name") == "generations_in_flight_idx" for n in scan), (statement, scan)

@@ -343,17 +343,19 @@ def _owned(conn: db.Conn, *, user_id: str, generation_id: str) -> dict[str, Any]
 def stale(conn: db.Conn, *, queued_for: float, silent_for: float, limit: int = 100) -> list[dict[str, Any]]:
     """In-flight generations the reaper should end: queued with no stream opened, or streaming with no
     heartbeat (their process died)."""
-    return conn.execute(
-        """
-        SELECT id, user_id, chat_id, status, model, system_prompt FROM generations
-        WHERE (status = 'queued' AND created_at < now() - make_interval(secs => %s))
+    return conn.execute(STALE, (queued_for, silent_for, limit)).fetchall()
+
+
+# `finished_at IS NULL` (in flight) lets generations_in_flight_idx serve it (migration 0008).
+STALE = """
+    SELECT id, user_id, chat_id, status, model, system_prompt FROM generations
+    WHERE finished_at IS NULL
+      AND ((status = 'queued' AND created_at < now() - make_interval(secs => %s))
            OR (status = 'streaming'
-               AND COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s))
-        ORDER BY created_at
-        LIMIT %s
-        """,
-        (queued_for, silent_for, limit),
-    ).fetchall()
+               AND COALESCE(heartbeat_at, created_at) < now() - make_interval(secs => %s)))
+    ORDER BY created_at
+    LIMIT %s
+"""
 
 
 def prompt_for(

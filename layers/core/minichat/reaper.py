@@ -105,14 +105,17 @@ def reap(*, queued_for: float = QUEUED_TIMEOUT_S, silent_for: float = SILENCE_TI
     return result
 
 
+# `finished_at IS NULL` (in flight) lets generations_in_flight_idx serve it (migration 0008).
+NEXT_DUE = (
+    "SELECT EXTRACT(EPOCH FROM min(created_at) + make_interval(secs => %s) - now())::float8 AS due"
+    " FROM generations WHERE finished_at IS NULL AND status = 'queued'"
+)
+
+
 def _next_due_s(queued_for: float) -> float | None:
     """Seconds until the oldest queued generation is due (≤ 0: overdue), None when nothing is queued."""
     with db.read() as conn:
-        row = conn.execute(
-            "SELECT EXTRACT(EPOCH FROM min(created_at) + make_interval(secs => %s) - now())::float8 AS due"
-            " FROM generations WHERE status = 'queued'",
-            (queued_for,),
-        ).fetchone()
+        row = conn.execute(NEXT_DUE, (queued_for,)).fetchone()
     return None if row is None or row["due"] is None else float(row["due"])
 
 
