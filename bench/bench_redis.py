@@ -14,7 +14,11 @@ benchlib.cpu_probe() before and after (this machine's speed swings):
   flags and then one lock-renewal script call per run (the baseline, the calls it replaced, kept here)
   or `limits.renew_runs_async`;
 - the event buffer's writer, 250-event batches: a pipeline of `XADD` + `EXPIRE` per event (the
-  baseline) or `buffer.Writer`'s one script call.
+  baseline) or `buffer.Writer`'s one script call;
+- the event buffer's writer at a steady 2,500 events a second (a worker's share of 100 streams at 50
+  tokens/s) for 2 s, the whole process's CPU (the writer's task, its timer and wake-ups, and the feeder
+  that appends the events) an event: batches gathered for 10 ms (the baseline, the window before) or
+  for `buffer.BATCH_S`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from minichat.sse import encode_delta
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('MINICHAT_BENCH_REDIS_DB', '10')}"
 RUNS = 250
 BATCH = 250
+RATE_STREAMS, RATE_TICK_S, RATE_PER_TICK, RATE_S = 50, 0.004, 10, 2.0  # 2,500 events a second for 2 s
 
 # The per-run renewal the keep-alive called before renew_runs_async (its baseline here).
 _RENEW_ONE = kv.Script("""
@@ -74,6 +79,31 @@ async def stream_commands(client: Any) -> None:
     await asyncio.sleep(0.002)  # the stream runs
     await limits.release_inflight_async(client, user_id=user_id, generation_id=generation_id)
     await limits.close_stream_async(client, user_id=user_id, connection_id=slot)
+
+
+async def steady_writes(client: Any, batch_s: float) -> float:
+    """CPU µs an event of this process while a buffer.Writer gathering for `batch_s` takes a steady
+    stream of events (RATE_STREAMS buffers, RATE_PER_TICK events every RATE_TICK_S), until all is written."""
+    writer = buffer.Writer(client, ttl=60, batch_s=batch_s)
+    task = asyncio.create_task(writer.run())
+    tag = uuid.uuid4().hex
+    runs: list[tuple[str, list[bytes]]] = [(f"bench-{tag}-{i}", []) for i in range(RATE_STREAMS)]
+    loop = asyncio.get_running_loop()
+    events = 0
+    started, cpu = loop.time(), time.process_time()
+    while loop.time() - started < RATE_S:
+        for _ in range(RATE_PER_TICK):
+            generation_id, frames = runs[events % RATE_STREAMS]
+            frames.append(encode_delta(len(frames) + 1, " tok"))
+            writer.append(generation_id, frames, end=False)
+            events += 1
+        await asyncio.sleep(RATE_TICK_S)
+    if not await writer.written(timeout=10):
+        raise benchlib.BenchError("the writer did not write everything in 10 s")
+    used = time.process_time() - cpu
+    task.cancel()
+    await client.delete(*(buffer.key(generation_id) for generation_id, _ in runs))
+    return used * 1e6 / events
 
 
 async def main_async(count: int) -> list[str]:
@@ -159,6 +189,18 @@ async def main_async(count: int) -> list[str]:
         rows.append(
             f"the buffer writer, {BATCH}-event batches: one script call {ours:.1f} µs an event"
             f" | a pipeline of XADD + EXPIRE {base:.1f} µs | ours less in {won} of {count} pairs"
+        )
+
+        # 4. the buffer writer at a steady rate, two batching windows
+        steady = max(3, count // 3)  # 4 s a pair
+        base, ours, won = await pairs(
+            steady, lambda: steady_writes(client, 0.01), lambda: steady_writes(client, buffer.BATCH_S)
+        )
+        rate = RATE_PER_TICK / RATE_TICK_S
+        rows.append(
+            f"the buffer writer at about {rate:,.0f} events a second (the process's CPU, feeder included):"
+            f" batches of {buffer.BATCH_S * 1000:.0f} ms {ours:.1f} µs an event"
+            f" | batches of 10 ms {base:.1f} µs | ours less in {won} of {steady} pairs"
         )
     finally:
         await client.aclose()

@@ -230,8 +230,11 @@ return {failed, lost}
 """
 # Events gather this long before they go out in one call (a `done` goes at once): with 100 streams that
 # is one round trip for dozens of events instead of one for every few. Only readers in other processes
-# wait for it; a reader in the engine's process takes events from memory.
-_BATCH_S = 0.01
+# wait for it; a reader in the engine's process takes events from memory. Each call costs the loop a
+# fixed 150-200 µs (redis-py, the timer, the wake-ups) besides its events: at 2,500 events a second (a
+# worker's share of 100 streams at 50 tokens/s) 10 ms cost about 15 µs an event, 25 ms about 11
+# (bench/bench_redis.py); a reader elsewhere sees a token at most 25 ms later than its own process would.
+BATCH_S = 0.025
 _MAX_EVENTS = 1000  # events per script call
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 1.0
@@ -248,8 +251,9 @@ class Writer:
     """Appends events to their buffers from one task: batched, in order, and retried until written, so
     that a reader in another process never misses one (a Redis outage only delays them)."""
 
-    def __init__(self, client: redis.asyncio.Redis, *, ttl: int) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, ttl: int, batch_s: float = BATCH_S) -> None:
         self._ttl = ttl
+        self._batch_s = batch_s
         self._script = client.register_script(_APPEND)
         self._pending: list[Entry] = []
         self._ready = asyncio.Event()
@@ -282,7 +286,7 @@ class Writer:
             await self._ready.wait()
             if not retry and not self._end.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_BATCH_S):
+                    async with asyncio.timeout(self._batch_s):
                         await self._end.wait()
             self._ready.clear()
             self._end.clear()
