@@ -46,7 +46,7 @@ def python313() -> str:
 def ensure_venv() -> Path:
     """.venv/localstack with the pinned LocalStack; returns its python."""
     requirements = HERE / "requirements.txt"
-    wanted = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    wanted = hashlib.sha256(requirements.read_bytes()).hexdigest() + " compiled"  # the .pyc files too
     stamp = VENV / ".installed-stamp"
     python = VENV / "bin" / "python"
     if not stamp.exists() or stamp.read_text() != wanted:
@@ -54,7 +54,11 @@ def ensure_venv() -> Path:
         uv = ROOT / ".venv" / "bin" / "uv"  # `make setup`'s uv: seconds instead of most of a minute
         if uv.exists():
             venv = [str(uv), "venv", "-q", "--seed", "--allow-existing", "--python", python313(), str(VENV)]
-            install = [str(uv), "pip", "install", "-q", "--python", str(python)]
+            # --compile-bytecode: the .pyc files pip writes (uv writes none by default, and compiles only what
+            # it installs: --reinstall); without them, where PYTHONDONTWRITEBYTECODE is set, each start of
+            # LocalStack compiles what it imports.
+            install = [str(uv), "pip", "install", "-q", "--reinstall", "--compile-bytecode"]
+            install += ["--python", str(python)]
         else:
             venv = [python313(), "-m", "venv", str(VENV)]
             install = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
