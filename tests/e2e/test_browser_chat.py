@@ -28,8 +28,9 @@ GREEK = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu x
 def test_register_chat_with_echo_and_sign_out(page: Any, live_server: str) -> None:
     email = register(page)
     expect(page.locator("#empty")).to_be_visible()
-    options = page.locator("#model-select option").all_text_contents()
-    assert {"mock-echo", "mock-slow", "mock-stall", "mock-error"} <= set(options)
+    # The list arrives after the page shows (GET /api/models): waited for, not read at once.
+    for model in ("mock-echo", "mock-slow", "mock-stall", "mock-error"):
+        expect(page.locator(f"#model-select option[value='{model}']")).to_have_text(model)
     choose_model(page, "mock-echo")
 
     send(page, "Hello there, streaming world")
