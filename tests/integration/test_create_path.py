@@ -1,4 +1,5 @@
-"""The create's cost (round trips) and the daily budget's counter in Redis (issue 15; SPEC §2, §4, §7.4)."""
+"""The create's cost and the stream open's (round trips), and the daily budget's counter in Redis (issue 15;
+SPEC §2, §4, §7.4)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from helpers import Account, Api, EventStream, assert_error
-from minichat import budget, kv, limits
+from minichat import budget, generations, kv, limits
 from minichat.config import get_settings, set_settings
 from minichat_local.roundtrips import recording
 
@@ -218,3 +219,26 @@ def test_a_batch_whose_block_raises_commits_nothing(db: Any) -> None:
     with database.batch() as conn:  # the connection is usable, and a block that ends commits
         conn.execute("INSERT INTO users (email, password_hash) VALUES (%s, 'x')", (email,))
     assert db.execute("SELECT count(*) FROM users WHERE email = %s", (email,)).fetchone()[0] == 1
+
+
+def test_a_stream_open_claims_with_its_history_in_one_round_trip(api: Api) -> None:
+    """The stream's claim and the history the model sees: one statement, one round trip (issue 15)."""
+    user = api.register()
+    chat_id = api.create_chat(user)["id"]
+    api.generate(user, chat_id, until_done=True, content="first question")
+    other = api.register()  # the pool warmed by another user's claim (a claimed run holds its user's lock)
+    warm = api.create_generation(other, api.create_chat(other)["id"], content="warm")
+    assert warm.status_code == 201, warm.text
+    generations.open_for_stream(generation_id=warm.json()["generationId"], user_id=other.user_id)
+    r = api.create_generation(user, chat_id, content="second question")
+    assert r.status_code == 201, r.text
+    generation_id = r.json()["generationId"]
+    with recording() as trips:
+        row, history = generations.open_for_stream(generation_id=generation_id, user_id=user.user_id)
+    assert trips.postgres == 1 and trips.redis == 0, (trips.summary(), trips.postgres_statements)
+    assert row["status"] == "streaming"
+    assert history is not None and [role for role, _ in history] == ["user", "assistant", "user"]
+    assert history[0][1] == "first question" and history[-1][1] == "second question"
+    with recording() as trips:  # a second connection finds it claimed: the row alone, the same one trip
+        again, none = generations.open_for_stream(generation_id=generation_id, user_id=user.user_id)
+    assert trips.postgres == 1 and none is None and again["status"] == "streaming", trips.summary()
